@@ -1,0 +1,293 @@
+"""Recipes: YAML files loaded into typed dataclasses, validated once, before any model or data set is loaded.
+
+Every field's documentation is its docstring (the string literal under it); `qlora-pipe train RECIPE --print-config`
+shows the resolved recipe and the README lists the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from qlora_pipe import UserError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class ModelConfig:
+    """The base model and how it is loaded."""
+
+    base: str = ""
+    """Local directory of a transformers checkpoint, or a hub id (e.g. `meta-llama/Llama-2-7b-hf`). Required."""
+    quantization: Literal["nf4", "none"] = "nf4"
+    """`nf4`: load the base in 4-bit NF4 with double quant (QLoRA). `none`: load it in `compute_dtype` (plain LoRA)."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """dtype of the matmuls. `auto`: bf16 on CUDA GPUs that support it, fp16 on older ones; on the CPU bf16 only where
+    the CPU has native bf16 (avx512_bf16/AMX: ~2.7x faster than fp32), else fp32 (emulated bf16 is ~7x slower)."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    """Attention kernel. `auto` lets transformers choose (SDPA where the architecture supports it)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model repository. Leave off unless you trust the repository."""
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapter (PEFT)."""
+
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32.0
+    """LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input, in [0, 1)."""
+    target_modules: str | list[str] = "all-linear"
+    """`all-linear` (every linear layer but the output head) or a list of module names such as [q_proj, v_proj]."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r."""
+    init: Literal["default", "gaussian"] = "default"
+    """Initialisation of A (B starts at zero either way): `default` (Kaiming-uniform) or `gaussian`."""
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data."""
+
+    train: str = ""
+    """Training data: a local .jsonl/.json/.csv/.parquet file, or a hub data set name. Required."""
+    eval: str | None = None
+    """Optional evaluation file (same formats). When absent, `eval_fraction` of the training data is held out."""
+    eval_fraction: float = 0.1
+    """Share of the training data held out for evaluation when `eval` is not given; 0 disables evaluation."""
+    format: Literal["auto", "messages", "prompt-completion", "alpaca", "text"] = "auto"
+    """Data format. `messages`: chat turns (role/content); `prompt-completion`: prompt and completion columns;
+    `alpaca`: instruction/input/output; `text`: plain text (loss on every token). `auto` detects it from the columns."""
+    max_seq_length: int = 1024
+    """Examples are truncated to this many tokens."""
+
+
+@dataclass
+class TrainConfig:
+    """Training settings, mapped one by one onto TRL's SFTConfig."""
+
+    epochs: float = 1.0
+    """Number of passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 trains for `epochs`."""
+    learning_rate: float = 2e-4
+    """Peak learning rate."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule."""
+    warmup_ratio: float = 0.03
+    """Share of the steps spent warming up the learning rate, in [0, 1)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 0.3
+    """Gradient clipping norm (0.3, as in the QLoRA paper)."""
+    optimizer: Literal["adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"] = "adamw_torch"
+    """Optimizer (the 8-bit and paged ones come from bitsandbytes)."""
+    batch_size: int = 4
+    """Examples per device per forward pass."""
+    grad_accumulation: int = 4
+    """Forward passes per optimizer step; the effective batch is batch_size × grad_accumulation × devices."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (non-reentrant) to save memory."""
+    packing: bool = False
+    """Pack several examples into one sequence (TRL's best-fit packing, padding-free)."""
+    seed: int = 42
+    """Seed for the model initialisation, data order and dropout."""
+    logging_steps: int = 10
+    """Log the loss every this many steps."""
+    eval_steps: int | None = None
+    """Evaluate every this many steps; unset evaluates once per epoch."""
+    save_steps: int = 500
+    """Write a trainer checkpoint every this many steps."""
+    save_total_limit: int = 2
+    """Keep at most this many trainer checkpoints."""
+    report_to: str | list[str] = "none"
+    """Experiment trackers (`none`, `tensorboard`, `wandb`, ...), as in transformers."""
+
+
+@dataclass
+class Recipe:
+    """A training recipe: the whole pipeline from base model to adapter."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The LoRA adapter."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training settings."""
+    output_dir: str = ""
+    """Where the run is written; defaults to runs/<recipe file name>."""
+
+
+def _check_values(recipe: Recipe) -> list[str]:
+    """Impossible values, one message per field, each naming the key and the fix."""
+    m, lo, d, t = recipe.model, recipe.lora, recipe.data, recipe.train
+    checks = [
+        (not m.base, "model.base", "is required: set it to a local checkpoint directory or a hub id"),
+        (lo.r <= 0, "lora.r", f"must be a positive integer, got {lo.r}: try 8, 16 or 64"),
+        (lo.alpha <= 0, "lora.alpha", f"must be positive, got {lo.alpha}: a common choice is 2 × r"),
+        (not 0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}"),
+        (isinstance(lo.target_modules, list) and not lo.target_modules, "lora.target_modules",
+         "is an empty list: name modules or use `all-linear`"),
+        (isinstance(lo.target_modules, str) and lo.target_modules != "all-linear", "lora.target_modules",
+         f"must be `all-linear` or a list of module names, got {lo.target_modules!r}"),
+        (not d.train, "data.train", "is required: set it to a data file or a hub data set name"),
+        (not 0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}"),
+        (d.max_seq_length <= 0, "data.max_seq_length", f"must be a positive integer, got {d.max_seq_length}"),
+        (t.epochs <= 0 and t.max_steps <= 0, "train.epochs", "must be positive (or set train.max_steps > 0)"),
+        (t.max_steps == 0 or t.max_steps < -1, "train.max_steps", f"must be -1 or positive, got {t.max_steps}"),
+        (t.learning_rate <= 0, "train.learning_rate", f"must be positive, got {t.learning_rate}"),
+        (not 0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}"),
+        (t.weight_decay < 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}"),
+        (t.max_grad_norm < 0, "train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}"),
+        (t.batch_size <= 0, "train.batch_size", f"must be a positive integer, got {t.batch_size}"),
+        (t.grad_accumulation <= 0, "train.grad_accumulation", f"must be a positive integer, got {t.grad_accumulation}"),
+        (t.logging_steps <= 0, "train.logging_steps", f"must be a positive integer, got {t.logging_steps}"),
+        (t.eval_steps is not None and t.eval_steps <= 0, "train.eval_steps", "must be a positive integer or unset"),
+        (t.save_steps <= 0, "train.save_steps", f"must be a positive integer, got {t.save_steps}"),
+        (t.save_total_limit <= 0, "train.save_total_limit", f"must be a positive integer, got {t.save_total_limit}"),
+    ]
+    return [f"{key}: {message}" for bad, key, message in checks if bad]
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, value converted to tp). Only lossless conversions: int → float, nothing else."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        for arg in typing.get_args(tp):
+            ok, converted = _coerce(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        items = [_coerce(v, typing.get_args(tp)[0]) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    return isinstance(value, tp), value
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, appending every problem to `errors` instead of stopping at the first."""
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or 'recipe'}: must be a mapping of keys to values, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"did you mean `{prefix}{close[0]}`?" if close else f"valid keys are: {', '.join(names)}"
+            errors.append(f"{prefix}{key}: unknown key; {hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.", errors)
+            continue
+        ok, converted = _coerce(value, tp)
+        if ok:
+            kwargs[key] = converted
+        else:
+            errors.append(f"{prefix}{key}: expected {_type_name(tp)}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _set_override(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {override!r} is not of the form key.sub=value (e.g. lora.r=8)")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {override!r}: `{part}` is not a section")
+    node[leaf] = yaml.safe_load(text) if text.strip() else None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load, override and validate a recipe. Raises UserError listing every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    for override in overrides:
+        _set_override(raw, override)
+    errors: list[str] = []
+    recipe = _build(Recipe, raw, "", errors)
+    if not errors:
+        errors = _check_values(recipe)
+    if errors:
+        raise UserError(f"{path}: {len(errors)} problem(s) in the recipe:\n  " + "\n  ".join(errors))
+    if not recipe.output_dir:
+        recipe.output_dir = str(Path("runs") / path.stem)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    """Rebuild a recipe recorded in a manifest (already validated when it was written)."""
+    errors: list[str] = []
+    recipe = _build(Recipe, raw, "", errors)
+    if errors:
+        raise UserError("the manifest's recipe does not match this version of qlora_pipe:\n  " + "\n  ".join(errors))
+    return recipe
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source (for --help and the README)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs

@@ -1,0 +1,189 @@
+"""Train stage: NF4 base → prepare_model_for_kbit_training → all-linear LoRA (PEFT) → TRL SFTTrainer → adapter.
+
+Thin on purpose: transformers loads and quantizes, PEFT builds the adapter, TRL tokenizes, masks and trains. We map
+the recipe onto their configs, check the inputs before the model is loaded, and record what the merge needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import peft
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from qlora_pipe import UserError, data, model
+from qlora_pipe.config import Recipe, recipe_to_dict
+from qlora_pipe.manifest import MANIFEST, atomic_dir, fingerprint_weights, read_manifest, write_manifest
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"
+
+
+class LossLog(TrainerCallback):
+    """Append every log record (loss, learning rate, eval loss) to OUTPUT_DIR/train_log.jsonl as it happens."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse to write a run into a directory that holds something else."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists() and not (out / CHECKPOINTS).exists():
+        raise UserError(f"output_dir: {out} exists, is not empty and is not a qlora-pipe run; choose another output_dir")
+
+
+def lora_config(recipe: Recipe) -> peft.LoraConfig:
+    lo = recipe.lora
+    return peft.LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        use_rslora=lo.use_rslora,
+        init_lora_weights=True if lo.init == "default" else lo.init,
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(recipe: Recipe, out: Path, compute_dtype: torch.dtype, prepared: data.PreparedData) -> SFTConfig:
+    t = recipe.train
+    has_eval = prepared.eval is not None
+    return SFTConfig(
+        output_dir=str(out / CHECKPOINTS),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers reads a value below 1 as a share of the steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accumulation,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        packing=t.packing,
+        max_length=recipe.data.max_seq_length,
+        assistant_only_loss=prepared.assistant_only_loss,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=t.report_to,
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
+    """Everything up to `trainer.train()`: checks, tokenizer, data, NF4 model, LoRA, trainer. Returns the trainer and
+    the facts the manifest records."""
+    out = Path(recipe.output_dir)
+    check_output_dir(out)
+    base = model.check_base(recipe.model.base)
+    tokenizer = model.load_tokenizer(base, recipe.model.trust_remote_code)
+    prepared = data.load_data(recipe.data, tokenizer, recipe.train.seed)
+    compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
+    quantized = recipe.model.quantization == "nf4"
+
+    torch.manual_seed(recipe.train.seed)  # LoRA A is drawn at get_peft_model time
+    base_model = model.load_base(recipe.model, compute_dtype, quantized)
+    if quantized:
+        model.set_cpu_bf16_fastpath(base_model, False)
+        # Checkpointing is switched on by the trainer (non-reentrant, so inputs need not require grads).
+        base_model = peft.prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)
+    peft_model = peft.get_peft_model(base_model, lora_config(recipe))
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = SFTTrainer(
+        model=peft_model,
+        args=sft_config(recipe, out, compute_dtype, prepared),
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tokenizer,
+        callbacks=[LossLog(out / TRAIN_LOG)],
+    )
+    if not any(any(label != -100 for label in ex["labels"]) for ex in trainer.train_dataset):
+        raise UserError(f"{recipe.data.train}: every example has an empty loss mask; nothing would be trained")
+    facts = {
+        "base": {
+            "path": base,
+            "model_type": base_model.config.model_type,
+            "weights_fingerprint": fingerprint_weights(model.weight_files(base)) if Path(base).is_dir() else None,
+        },
+        "quantization": {
+            "method": recipe.model.quantization,
+            **(model.NF4 if quantized else {}),
+            "load_dtype": str(compute_dtype).removeprefix("torch."),
+            "compute_dtype": str(compute_dtype).removeprefix("torch."),
+            "device_kind": model.device_kind(),
+        },
+        "data": {"format": prepared.format, "assistant_only_loss": prepared.assistant_only_loss, **prepared.sources},
+    }
+    return trainer, facts
+
+
+def _loss_summary(log_history: list[dict]) -> dict:
+    losses = [r["loss"] for r in log_history if "loss" in r]
+    return {"train_loss_first": losses[0], "train_loss_last": losses[-1]} if losses else {}
+
+
+def train(recipe: Recipe) -> Path:
+    """Run the train stage; return the run directory (adapter/, manifest.json, checkpoints/, train_log.jsonl)."""
+    out = Path(recipe.output_dir)
+    trainer, facts = build_trainer(recipe)
+    (out / TRAIN_LOG).unlink(missing_ok=True)
+    start = time.monotonic()
+    metrics = {}
+    if trainer.eval_dataset is not None:
+        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    result = trainer.train()
+    if trainer.eval_dataset is not None:
+        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    loss = result.training_loss
+    if not math.isfinite(loss):
+        raise UserError(f"training loss is {loss}; lower train.learning_rate or check the data")
+    metrics |= {
+        "train_loss_mean": loss,
+        **_loss_summary(trainer.state.log_history),
+        "steps": trainer.state.global_step,
+        "train_seconds": round(time.monotonic() - start, 2),
+    }
+    if trainer.is_world_process_zero():
+        with atomic_dir(out / ADAPTER) as tmp:
+            trainer.model.save_pretrained(tmp)
+            trainer.processing_class.save_pretrained(tmp)
+        write_manifest(out, "train", recipe=recipe_to_dict(recipe), **facts, adapter=ADAPTER, metrics=metrics)
+    logger.info("adapter written to %s", out / ADAPTER)
+    return out
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, Path]:
+    """The manifest of a finished training run and its adapter directory."""
+    manifest = read_manifest(run_dir, "train")
+    adapter = Path(run_dir) / manifest["adapter"]
+    if not (adapter / "adapter_config.json").exists():
+        raise UserError(f"{run_dir}: the adapter directory {adapter} is missing; re-run `qlora-pipe train`")
+    return manifest, adapter

@@ -68,7 +68,7 @@ class DataConfig:
     """Share of the training data held out for evaluation when `eval` is not given; 0 disables evaluation."""
     format: Literal["auto", "messages", "prompt-completion", "alpaca", "text"] = "auto"
     """Data format. `messages`: chat turns (role/content); `prompt-completion`: prompt and completion columns;
-    `alpaca`: instruction/input/output; `text`: plain text (loss on every token). `auto` detects it from the columns."""
+    `alpaca`: instruction/input/output; `text`: plain text (loss on every token). `auto`: detect it from the columns."""
     max_seq_length: int = 1024
     """Examples are truncated to this many tokens."""
 
@@ -139,10 +139,16 @@ def _check_values(recipe: Recipe) -> list[str]:
         (lo.r <= 0, "lora.r", f"must be a positive integer, got {lo.r}: try 8, 16 or 64"),
         (lo.alpha <= 0, "lora.alpha", f"must be positive, got {lo.alpha}: a common choice is 2 × r"),
         (not 0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}"),
-        (isinstance(lo.target_modules, list) and not lo.target_modules, "lora.target_modules",
-         "is an empty list: name modules or use `all-linear`"),
-        (isinstance(lo.target_modules, str) and lo.target_modules != "all-linear", "lora.target_modules",
-         f"must be `all-linear` or a list of module names, got {lo.target_modules!r}"),
+        (
+            isinstance(lo.target_modules, list) and not lo.target_modules,
+            "lora.target_modules",
+            "is an empty list: name modules or use `all-linear`",
+        ),
+        (
+            isinstance(lo.target_modules, str) and lo.target_modules != "all-linear",
+            "lora.target_modules",
+            f"must be `all-linear` or a list of module names, got {lo.target_modules!r}",
+        ),
         (not d.train, "data.train", "is required: set it to a data file or a hub data set name"),
         (not 0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}"),
         (d.max_seq_length <= 0, "data.max_seq_length", f"must be a positive integer, got {d.max_seq_length}"),
@@ -153,7 +159,11 @@ def _check_values(recipe: Recipe) -> list[str]:
         (t.weight_decay < 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}"),
         (t.max_grad_norm < 0, "train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}"),
         (t.batch_size <= 0, "train.batch_size", f"must be a positive integer, got {t.batch_size}"),
-        (t.grad_accumulation <= 0, "train.grad_accumulation", f"must be a positive integer, got {t.grad_accumulation}"),
+        (
+            t.grad_accumulation <= 0,
+            "train.grad_accumulation",
+            f"must be a positive integer, got {t.grad_accumulation}",
+        ),
         (t.logging_steps <= 0, "train.logging_steps", f"must be a positive integer, got {t.logging_steps}"),
         (t.eval_steps is not None and t.eval_steps <= 0, "train.eval_steps", "must be a positive integer or unset"),
         (t.save_steps <= 0, "train.save_steps", f"must be a positive integer, got {t.save_steps}"),
@@ -197,6 +207,11 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; every user writes it that way
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     return isinstance(value, tp), value
@@ -212,7 +227,8 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            close = close or [n for n in names if str(key).startswith(n) or n.startswith(str(key))]
             hint = f"did you mean `{prefix}{close[0]}`?" if close else f"valid keys are: {', '.join(names)}"
             errors.append(f"{prefix}{key}: unknown key; {hint}")
             continue
@@ -256,8 +272,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         _set_override(raw, override)
     errors: list[str] = []
     recipe = _build(Recipe, raw, "", errors)
-    if not errors:
-        errors = _check_values(recipe)
+    errors += _check_values(recipe)  # fields with a type error hold their (valid) defaults here
     if errors:
         raise UserError(f"{path}: {len(errors)} problem(s) in the recipe:\n  " + "\n  ".join(errors))
     if not recipe.output_dir:

@@ -26,7 +26,9 @@ FORMAT_COLUMNS = {
     "alpaca": ("instruction", "output"),
     "text": ("text",),
 }
-ALPACA_PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 
 
 @dataclass
@@ -70,7 +72,9 @@ def _read_json_rows(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise UserError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise UserError(f"{path}: expected JSON objects, one per example")
     return rows
@@ -133,7 +137,10 @@ def _alpaca_to_pc(example: dict, chat: bool) -> dict:
             "prompt": [{"role": "user", "content": instruction}],
             "completion": [{"role": "assistant", "content": example["output"]}],
         }
-    return {"prompt": f"{ALPACA_PROMPT}\n\n### Instruction:\n{instruction}\n\n### Response:\n", "completion": example["output"]}
+    return {
+        "prompt": f"{ALPACA_PROMPT}\n\n### Instruction:\n{instruction}\n\n### Response:\n",
+        "completion": example["output"],
+    }
 
 
 def to_trl(ds: datasets.Dataset, fmt: str, tokenizer) -> tuple[datasets.Dataset, bool]:

@@ -95,8 +95,13 @@ def report_prompts(recipe, tokenizer) -> list[torch.Tensor]:
     rows = prepared.eval if prepared.eval is not None else prepared.train
     rows = rows.select(range(min(REPORT_PROMPTS, len(rows))))
     return [
-        tokenizer(data.render(row, tokenizer), return_tensors="pt", add_special_tokens=False,
-                  truncation=True, max_length=recipe.data.max_seq_length).input_ids[0]
+        tokenizer(
+            data.render(row, tokenizer),
+            return_tensors="pt",
+            add_special_tokens=False,
+            truncation=True,
+            max_length=recipe.data.max_seq_length,
+        ).input_ids[0]
         for row in rows
     ]
 
@@ -123,16 +128,25 @@ def check_base_unchanged(manifest: dict, force: bool) -> str:
     return base
 
 
-def merge(run_dir: str | Path, mode: str = "dequantized", dtype: str = "auto", out: str | Path | None = None,
-          force: bool = False) -> Path:
+def merge(
+    run_dir: str | Path,
+    mode: str = "dequantized",
+    dtype: str = "auto",
+    out: str | Path | None = None,
+    force: bool = False,
+) -> Path:
     """Write RUN_DIR/merged (or `out`): the standalone merged checkpoint, merge_report.json and manifest.json."""
     manifest, adapter_dir = load_run(run_dir)
     recipe = recipe_from_dict(manifest["recipe"])
     base = check_base_unchanged(manifest, force)
     q = manifest["quantization"]
     if q["method"] == "nf4" and q["device_kind"] != model.device_kind():
-        logger.warning("the base was quantized on %s during training and is re-quantized on %s now; "
-                       "the two quantizers may round differently", q["device_kind"], model.device_kind())
+        logger.warning(
+            "the base was quantized on %s during training and is re-quantized on %s now; "
+            "the two quantizers may round differently",
+            q["device_kind"],
+            model.device_kind(),
+        )
     out = Path(out) if out else Path(run_dir) / "merged"
     out_dtype = resolve_out_dtype(dtype, base)
     tokenizer = model.load_tokenizer(str(adapter_dir), recipe.model.trust_remote_code)
@@ -166,8 +180,15 @@ def merge(run_dir: str | Path, mode: str = "dequantized", dtype: str = "auto", o
     with atomic_dir(out) as tmp:
         save_standalone(merged_models[mode], tokenizer, base, tmp)
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        write_manifest(tmp, "merge", source_run=str(Path(run_dir).resolve()), base={"path": base}, mode=mode,
-                       dtype=str(out_dtype).removeprefix("torch."), report=report["modes"][mode])
+        write_manifest(
+            tmp,
+            "merge",
+            source_run=str(Path(run_dir).resolve()),
+            base={"path": base},
+            mode=mode,
+            dtype=str(out_dtype).removeprefix("torch."),
+            report=report["modes"][mode],
+        )
     return out
 
 

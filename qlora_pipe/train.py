@@ -45,7 +45,9 @@ def check_output_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists() and not (out / CHECKPOINTS).exists():
-        raise UserError(f"output_dir: {out} exists, is not empty and is not a qlora-pipe run; choose another output_dir")
+        raise UserError(
+            f"output_dir: {out} exists, is not empty and is not a qlora-pipe run; choose another output_dir"
+        )
 
 
 def lora_config(recipe: Recipe) -> peft.LoraConfig:

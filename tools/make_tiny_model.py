@@ -37,12 +37,31 @@ DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "tiny" / "tra
 
 # Widths divisible by 32 so bitsandbytes' avx512-bf16 CPU path can repack them.
 ARCHS = {
-    "llama": dict(model_type="llama", hidden_size=256, intermediate_size=768, num_attention_heads=8,
-                  num_key_value_heads=4, tie_word_embeddings=False),
-    "mistral": dict(model_type="mistral", hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                    num_key_value_heads=2, sliding_window=64, tie_word_embeddings=False),
-    "qwen2": dict(model_type="qwen2", hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=True),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=768,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=64,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
     "gpt2": dict(model_type="gpt2", n_embd=128, n_head=4, n_inner=256, tie_word_embeddings=True),
 }
 
@@ -85,8 +104,15 @@ def build_tokenizer(lines: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
-def build(out_dir: str | Path, arch: str = "llama", seed: int = 0, num_layers: int = 4, vocab_size: int = 1024,
-          corpus: Path = DEFAULT_CORPUS, dtype: torch.dtype = torch.float32) -> Path:
+def build(
+    out_dir: str | Path,
+    arch: str = "llama",
+    seed: int = 0,
+    num_layers: int = 4,
+    vocab_size: int = 1024,
+    corpus: Path = DEFAULT_CORPUS,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write a tiny random model of `arch` with tokenizer and chat template to `out_dir`; return the directory."""
     out = Path(out_dir)
     tokenizer = build_tokenizer(corpus_lines(corpus), vocab_size)

@@ -1,0 +1,156 @@
+"""The `qlora-pipe` command line: train, merge, generate. User errors exit with status 2 and one message."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import textwrap
+
+import yaml
+
+from qlora_pipe import UserError, __version__
+from qlora_pipe.config import Recipe, field_docs, load_recipe, recipe_to_dict
+
+
+def recipe_help() -> str:
+    """Every recipe field with its default and docstring: the one place recipe fields are documented."""
+    lines = ["recipe fields (YAML sections; override any with key.sub=value):"]
+    for section in dataclasses.fields(Recipe):
+        cls = section.default_factory if section.default_factory is not dataclasses.MISSING else None
+        if cls is None:
+            lines.append(f"  {section.name}: {field_docs(Recipe)[section.name]}")
+            continue
+        lines.append(f"  {section.name}:")
+        defaults = cls()
+        for name, doc in field_docs(cls).items():
+            default = json.dumps(getattr(defaults, name))
+            lines += textwrap.wrap(
+                f"{name} (default {default}): {doc}", 115, initial_indent="    ", subsequent_indent="      "
+            )
+    return "\n".join(lines)
+
+
+def _train(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
+        return
+    from qlora_pipe.manifest import read_manifest
+    from qlora_pipe.train import train
+
+    out = train(recipe)
+    metrics = read_manifest(out, "train")["metrics"]
+    print(f"\nadapter: {out / 'adapter'}")
+    print(f"train loss {metrics.get('train_loss_first', float('nan')):.4f} → {metrics.get('train_loss_last', 0):.4f}")
+    if "eval_loss_before" in metrics:
+        print(f"eval loss {metrics['eval_loss_before']:.4f} → {metrics['eval_loss_after']:.4f}")
+    print(f"next: qlora-pipe merge {out}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from qlora_pipe.merge import REPORT, merge
+
+    out = merge(args.run_dir, args.mode, args.dtype, args.out, args.force)
+    report = json.loads((out / REPORT).read_text())
+    for mode, numbers in report["modes"].items():
+        mark = "written" if mode == report["written_mode"] else "for comparison"
+        print(
+            f"{mode:>12} ({mark}): max |Δlogit| {numbers['max_abs_logit_diff']:.3g}, relative error "
+            f"{numbers['relative_error']:.3g}, top-1 agreement {numbers['top1_agreement']:.4f}"
+        )
+    print(f"merged model: {out}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from qlora_pipe.generate import generate
+
+    print(generate(args.path, args.prompt, args.max_new_tokens))
+
+
+def parser() -> argparse.ArgumentParser:
+    from qlora_pipe.merge import MODES, OUT_DTYPES
+
+    top = argparse.ArgumentParser(
+        prog="qlora-pipe",
+        description="QLoRA fine-tuning pipeline: recipe → NF4 base → all-linear LoRA → TRL SFT → verified merge.",
+    )
+    top.add_argument("--version", action="version", version=f"qlora-pipe {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train a LoRA adapter from a recipe",
+        description="Train an adapter: writes OUTPUT_DIR/adapter, manifest.json, checkpoints/ and a loss log.",
+        epilog=recipe_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="override recipe fields, e.g. lora.r=8 train.max_steps=20",
+    )
+    train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    train.set_defaults(func=_train)
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge a trained adapter into a standalone checkpoint",
+        description="Merge RUN_DIR's adapter into its base; everything else comes from RUN_DIR/manifest.json. "
+        "Writes the model, merge_report.json (merged vs NF4 base + adapter logits) and manifest.json.",
+    )
+    merge.add_argument("run_dir", help="output directory of `qlora-pipe train`")
+    merge.add_argument(
+        "--mode",
+        choices=MODES,
+        default="dequantized",
+        help="dequantized: merge into the NF4-dequantized weights the adapter was trained on "
+        "(default); original: merge into the original full-precision weights",
+    )
+    merge.add_argument(
+        "--dtype",
+        choices=OUT_DTYPES,
+        default="auto",
+        help="dtype of the written weights (auto: the base checkpoint's dtype)",
+    )
+    merge.add_argument("--out", help="output directory (default RUN_DIR/merged)")
+    merge.add_argument("--force", action="store_true", help="merge even if the base weights changed since training")
+    merge.set_defaults(func=_merge)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text from a merged model, a run, or a base",
+        description="Greedy generation with the chat template applied, stopping at eos.",
+    )
+    gen.add_argument("path", help="merged directory, run directory (base + adapter) or model directory")
+    gen.add_argument("--prompt", required=True, help="user message")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
+    gen.set_defaults(func=_generate)
+    return top
+
+
+def quiet_libraries() -> None:
+    # bitsandbytes announces an optional CPU kernel package at import on every run; it is not an error.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"qlora-pipe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

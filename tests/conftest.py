@@ -1,0 +1,73 @@
+"""Fixtures: tiny random models of several architectures, built locally (no hub), and recipe writing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from make_tiny_model import build  # noqa: E402
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+DEMO_DATA = ROOT / "data" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(arch) -> directory of a tiny random model of that architecture (built once per session)."""
+    cache: dict[str, Path] = {}
+
+    def get(arch: str = "llama") -> Path:
+        if arch not in cache:
+            cache[arch] = build(tmp_path_factory.mktemp(arch), arch, seed=0, num_layers=2, vocab_size=512)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """write_recipe(base, **sections) -> path of a small fast recipe (fp32 compute, a few steps) in tmp_path."""
+
+    def write(base: Path, **sections) -> Path:
+        recipe = {
+            "model": {"base": str(base), "compute_dtype": "float32"},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {
+                "train": str(DEMO_DATA / "train.jsonl"),
+                "eval": str(DEMO_DATA / "eval.jsonl"),
+                "max_seq_length": 96,
+            },
+            "train": {
+                "max_steps": 3,
+                "batch_size": 4,
+                "grad_accumulation": 1,
+                "learning_rate": 5e-3,
+                "logging_steps": 1,
+                "save_steps": 100,
+                "warmup_ratio": 0.0,
+            },
+            "output_dir": str(tmp_path / "run"),
+        }
+        for section, values in sections.items():
+            if isinstance(values, dict):
+                recipe.setdefault(section, {}).update(values)
+            else:
+                recipe[section] = values
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

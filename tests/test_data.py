@@ -1,0 +1,84 @@
+"""Data: each format reaches TRL in the right shape; the loss covers exactly assistant/completion tokens and eos."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_jsonl
+
+from qlora_pipe import UserError
+from qlora_pipe.config import load_recipe
+from qlora_pipe.train import build_trainer
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Say yes."},
+    {"role": "assistant", "content": "yes"},
+    {"role": "user", "content": "Say no."},
+    {"role": "assistant", "content": "no"},
+]
+
+
+def prepared(write_recipe, tiny_model, tmp_path, rows: list[dict], fmt: str = "auto"):
+    """The first example as TRL will train on it: (input text, trained text, tokenizer)."""
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = load_recipe(
+        write_recipe(tiny_model("llama"), data={"train": str(data), "eval": None, "format": fmt, "eval_fraction": 0.0})
+    )
+    trainer, facts = build_trainer(recipe)
+    example = trainer.train_dataset[0]
+    tok = trainer.processing_class
+    trained = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
+    return tok.decode(example["input_ids"]), tok.decode(trained), tok, facts
+
+
+def test_messages_train_only_assistant_turns_and_eos(write_recipe, tiny_model, tmp_path):
+    text, trained, tok, facts = prepared(write_recipe, tiny_model, tmp_path, [{"messages": CHAT}] * 4)
+    assert facts["data"]["format"] == "messages" and facts["data"]["assistant_only_loss"]
+    assert text == tok.apply_chat_template(CHAT, tokenize=False)
+    assert trained == f"yes{tok.eos_token}no{tok.eos_token}"
+
+
+def test_prompt_completion_trains_completion_and_eos(write_recipe, tiny_model, tmp_path):
+    rows = [{"prompt": "Capital of France?", "completion": " Paris"}] * 4
+    text, trained, tok, facts = prepared(write_recipe, tiny_model, tmp_path, rows)
+    assert facts["data"]["format"] == "prompt-completion"
+    assert text == f"Capital of France? Paris{tok.eos_token}"
+    assert trained == f" Paris{tok.eos_token}"
+
+
+def test_alpaca_becomes_a_chat_turn_and_trains_the_output(write_recipe, tiny_model, tmp_path):
+    rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}] * 4
+    text, trained, tok, facts = prepared(write_recipe, tiny_model, tmp_path, rows)
+    assert facts["data"]["format"] == "alpaca"
+    assert "Add the numbers.\n\n2 and 3" in text
+    assert trained.startswith("5" + tok.eos_token)
+
+
+def test_text_trains_every_token_and_appends_eos(write_recipe, tiny_model, tmp_path):
+    text, trained, tok, facts = prepared(write_recipe, tiny_model, tmp_path, [{"text": "just some words"}] * 4)
+    assert facts["data"]["format"] == "text"
+    assert text == f"just some words{tok.eos_token}"
+    assert trained == text
+
+
+def test_missing_columns_name_the_format_and_file(write_recipe, tiny_model, tmp_path):
+    with pytest.raises(UserError, match=r"data.format is 'alpaca' but column\(s\) instruction, output are missing"):
+        prepared(write_recipe, tiny_model, tmp_path, [{"text": "x"}], fmt="alpaca")
+    with pytest.raises(UserError, match="cannot tell the data format from columns question, answer"):
+        prepared(write_recipe, tiny_model, tmp_path, [{"question": "x", "answer": "y"}])
+
+
+def test_broken_json_line_is_reported_with_file_and_line(write_recipe, tiny_model, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "ok"}\n{"text": broken}\n')
+    recipe = load_recipe(write_recipe(tiny_model("llama"), data={"train": str(data), "eval": None}))
+    with pytest.raises(UserError, match=rf"{data}:2: not valid JSON"):
+        build_trainer(recipe)
+
+
+def test_empty_data_file_is_refused(write_recipe, tiny_model, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    recipe = load_recipe(write_recipe(tiny_model("llama"), data={"train": str(data), "eval": None}))
+    with pytest.raises(UserError, match="contains no examples"):
+        build_trainer(recipe)

@@ -68,7 +68,7 @@ class DataConfig:
     """Share of the training data held out for evaluation when `eval` is not given; 0 disables evaluation."""
     format: Literal["auto", "messages", "prompt-completion", "alpaca", "text"] = "auto"
     """Data format. `messages`: chat turns (role/content); `prompt-completion`: prompt and completion columns;
-    `alpaca`: instruction/input/output; `text`: plain text (loss on every token). `auto`: detect it from the columns."""
+    `alpaca`: instruction/input/output; `text`: plain text (loss on every token). `auto`: detect from columns."""
     max_seq_length: int = 1024
     """Examples are truncated to this many tokens."""
 

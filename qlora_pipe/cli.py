@@ -45,7 +45,8 @@ def _train(args: argparse.Namespace) -> None:
     out = train(recipe)
     metrics = read_manifest(out, "train")["metrics"]
     print(f"\nadapter: {out / 'adapter'}")
-    print(f"train loss {metrics.get('train_loss_first', float('nan')):.4f} → {metrics.get('train_loss_last', 0):.4f}")
+    if "train_loss_first" in metrics:
+        print(f"train loss {metrics['train_loss_first']:.4f} → {metrics['train_loss_last']:.4f}")
     if "eval_loss_before" in metrics:
         print(f"eval loss {metrics['eval_loss_before']:.4f} → {metrics['eval_loss_after']:.4f}")
     print(f"next: qlora-pipe merge {out}")

@@ -273,8 +273,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     errors: list[str] = []
     recipe = _build(Recipe, raw, "", errors)
     errors += _check_values(recipe)  # fields with a type error hold their (valid) defaults here
+    if len(errors) == 1:
+        raise UserError(f"{path}: {errors[0]}")
     if errors:
-        raise UserError(f"{path}: {len(errors)} problem(s) in the recipe:\n  " + "\n  ".join(errors))
+        raise UserError(f"{path}: {len(errors)} problems in the recipe:\n  " + "\n  ".join(errors))
     if not recipe.output_dir:
         recipe.output_dir = str(Path("runs") / path.stem)
     return recipe

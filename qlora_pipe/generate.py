@@ -22,9 +22,9 @@ def load(path: str | Path) -> tuple[torch.nn.Module, object, str]:
     if (path / MANIFEST).exists() and read_manifest(path).get("stage") == "train":
         manifest, adapter = load_run(path)
         recipe = recipe_from_dict(manifest["recipe"])
+        q = manifest["quantization"]
         compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
-        quantized = manifest["quantization"]["method"] == "nf4"
-        base = model.load_base(recipe.model, compute_dtype, quantized)
+        base = model.load_base(recipe.model, compute_dtype, q["method"] == "nf4", getattr(torch, q["load_dtype"]))
         return PeftModel.from_pretrained(base, adapter), model.load_tokenizer(str(adapter)), f"{path} (base + adapter)"
     if (path / "config.json").exists():
         net = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=model.device_map())

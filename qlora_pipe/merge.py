@@ -106,11 +106,11 @@ def report_prompts(recipe, tokenizer) -> list[torch.Tensor]:
     ]
 
 
-def resolve_out_dtype(name: str, base: str) -> torch.dtype:
+def resolve_out_dtype(name: str, base: str, trust_remote_code: bool) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
-    config = json.loads((Path(base) / "config.json").read_text())
-    return getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
+    dtype = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code).dtype or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def check_base_unchanged(manifest: dict, force: bool) -> str:
@@ -148,7 +148,7 @@ def merge(
             model.device_kind(),
         )
     out = Path(out) if out else Path(run_dir) / "merged"
-    out_dtype = resolve_out_dtype(dtype, base)
+    out_dtype = resolve_out_dtype(dtype, base, recipe.model.trust_remote_code)
     tokenizer = model.load_tokenizer(str(adapter_dir), recipe.model.trust_remote_code)
     prompts = report_prompts(recipe, tokenizer)
 
@@ -196,8 +196,10 @@ def save_standalone(merged: torch.nn.Module, tokenizer, base: str, out: Path) ->
     """safetensors + config.json without quantization_config + tokenizer + generation_config that stops at eos."""
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config
-    base_gen = Path(base) / "generation_config.json"
-    gen = GenerationConfig.from_pretrained(base) if base_gen.exists() else GenerationConfig()
+    try:
+        gen = GenerationConfig.from_pretrained(base)
+    except OSError:  # generation_config.json is optional in a checkpoint
+        gen = GenerationConfig()
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     if tokenizer.eos_token_id not in eos:
         gen.eos_token_id = [tokenizer.eos_token_id, *[e for e in eos if e is not None]]

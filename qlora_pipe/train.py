@@ -127,6 +127,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         processing_class=tokenizer,
         callbacks=[LossLog(out / TRAIN_LOG)],
     )
+    # TRL drops examples left without a trained token; stop here if nothing remains (stops at the first good one).
     if not any(any(label != -100 for label in ex["labels"]) for ex in trainer.train_dataset):
         raise UserError(f"{recipe.data.train}: every example has an empty loss mask; nothing would be trained")
     facts = {

@@ -81,3 +81,11 @@ def test_every_recipe_field_is_documented_in_help():
 def test_each_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "usage: qlora-pipe" in result.stdout
+
+
+def test_a_single_problem_is_one_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {base: a/b}\nlora: {r: 0}\ndata: {train: d.jsonl}\n")
+    result = run_cli("train", str(recipe))
+    assert_user_error(result, "lora.r: must be a positive integer, got 0")
+    assert len(result.stderr.strip().splitlines()) == 1

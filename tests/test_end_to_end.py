@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from qlora_pipe import cli, model
+from qlora_pipe import UserError, cli, model
 from qlora_pipe.config import load_recipe
 from qlora_pipe.generate import generate
+from qlora_pipe.merge import merge
 
 PROMPTS = [
     "Which topic is this about: sports, food or tech?\nText: The team won the match.",
@@ -110,3 +113,17 @@ def test_manifest_records_what_merge_needs(tiny_model, write_recipe, tmp_path):
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
     assert (run / "adapter" / "adapter_config.json").exists() and (run / "adapter" / "tokenizer_config.json").exists()
+
+
+def test_merge_refuses_a_base_whose_weights_changed(tiny_model, write_recipe, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model("llama"), base)
+    run = tmp_path / "run"
+    assert cli.main(["train", str(write_recipe(base))]) == 0
+    weights = load_file(base / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="differ from those this adapter was trained on"):
+        merge(run)
+    assert not (run / "merged").exists()
+    assert merge(run, force=True) == run / "merged"

@@ -93,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument(
         "overrides",
         nargs="*",
+        default=[],  # without a default argparse reports an optional nargs="*" positional as required
         metavar="key.sub=value",
         help="override recipe fields, e.g. lora.r=8 train.max_steps=20",
     )

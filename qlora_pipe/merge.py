@@ -163,7 +163,7 @@ def merge(
     del trained
 
     report = {"reference": "NF4 base + adapter, fp32 compute", "output_dtype": str(out_dtype), "modes": {}}
-    merged_models = {}
+    written = None
     for candidate in MODES:
         if candidate == "dequantized":
             full = build_dequantized(base, weights, recipe.model.trust_remote_code)
@@ -174,11 +174,11 @@ def merge(
         merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload().to(out_dtype)
         report["modes"][candidate] = compare(reference, logits_on(merged, prompts))
         if candidate == mode:
-            merged_models[candidate] = merged
+            written = merged
     report["written_mode"] = mode
 
     with atomic_dir(out) as tmp:
-        save_standalone(merged_models[mode], tokenizer, base, tmp)
+        save_standalone(written, tokenizer, base, tmp)
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         write_manifest(
             tmp,

@@ -59,8 +59,7 @@ def check_base(base: str) -> str:
 
 def weight_files(base: str) -> list[Path]:
     path = Path(base)
-    files = sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
-    return files
+    return sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
 
 
 def bnb_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:

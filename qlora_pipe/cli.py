@@ -55,14 +55,17 @@ def _train(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from qlora_pipe.merge import REPORT, merge
 
-    out = merge(args.run_dir, args.mode, args.dtype, args.out, args.force)
+    out = merge(args.run_dir, args.mode, args.dtype, args.out, args.force, args.device, args.verify,
+                args.max_shard_size)  # fmt: skip
     report = json.loads((out / REPORT).read_text())
-    for mode, numbers in report["modes"].items():
+    for mode, n in report.get("modes", {}).items():
         mark = "written" if mode == report["written_mode"] else "for comparison"
-        print(
-            f"{mode:>12} ({mark}): max |Δlogit| {numbers['max_abs_logit_diff']:.3g}, relative error "
-            f"{numbers['relative_error']:.3g}, top-1 agreement {numbers['top1_agreement']:.4f}"
-        )
+        if "top1_agreement" in n:
+            numbers = (f"max |Δlogit| {n['max_abs_logit_diff']:.3g}, relative error {n['relative_error']:.3g}, "
+                       f"top-1 agreement {n['top1_agreement']:.4f}")  # fmt: skip
+        else:
+            numbers = f"worst layer relative error {n['max_relative_error']:.3g} over {n['layers']} layers"
+        print(f"{mode:>12} ({mark}) vs NF4 base + adapter: {numbers}")
     print(f"merged model: {out}")
 
 
@@ -73,7 +76,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from qlora_pipe.merge import MODES, OUT_DTYPES
+    from qlora_pipe.merge import DEVICES, MODES, OUT_DTYPES, VERIFY
 
     top = argparse.ArgumentParser(
         prog="qlora-pipe",
@@ -122,6 +125,13 @@ def parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--out", help="output directory (default RUN_DIR/merged)")
     merge.add_argument("--force", action="store_true", help="merge even if the base weights changed since training")
+    merge.add_argument("--device", choices=DEVICES, default="auto",
+                       help="where to re-quantize and dequantize the base (auto: where training quantized it, "
+                            "if available here)")  # fmt: skip
+    merge.add_argument("--verify", choices=VERIFY, default="auto",
+                       help="full: whole-model logits vs NF4 base + adapter; layers: each layer on the same inputs, "
+                            "within the streaming memory bound; auto: full when the models fit in memory")  # fmt: skip
+    merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     merge.set_defaults(func=_merge)
 
     gen = sub.add_parser(

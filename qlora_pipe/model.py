@@ -107,6 +107,26 @@ def load_base(
     return model
 
 
+def describe_quantization(net: torch.nn.Module, load_dtype: torch.dtype) -> dict:
+    """What the streaming merge needs to rebuild the trained weights without loading the model: which modules
+    transformers quantized (and whether it transposed a GPT-2 style Conv1D weight first), and which unquantized
+    parameters were loaded in a dtype other than the load dtype (models that keep some modules in fp32)."""
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    quantized = {
+        name: {"conv1d": issubclass(getattr(module, "source_cls", torch.nn.Linear), Conv1D)}
+        for name, module in net.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+    }
+    other_dtypes = {
+        name: str(param.dtype).removeprefix("torch.")
+        for name, param in net.named_parameters()
+        if not isinstance(param, bnb.nn.Params4bit) and param.is_floating_point() and param.dtype != load_dtype
+    }
+    return {"quantized_modules": quantized, "unquantized_dtypes": other_dtypes}
+
+
 def set_cpu_bf16_fastpath(model: torch.nn.Module, enabled: bool) -> None:
     """bitsandbytes' no-grad CPU forward repacks NF4 weights in place and computes in bf16 on avx512_bf16 CPUs.
     Training and exact comparisons must see the dequantize-and-matmul path instead."""

@@ -113,6 +113,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
 
     torch.manual_seed(recipe.train.seed)  # LoRA A is drawn at get_peft_model time
     base_model = model.load_base(recipe.model, compute_dtype, quantized)
+    layout = model.describe_quantization(base_model, compute_dtype)
     if quantized:
         model.set_cpu_bf16_fastpath(base_model, False)
         # Checkpointing is switched on by the trainer (non-reentrant, so inputs need not require grads).
@@ -142,6 +143,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
             "load_dtype": str(compute_dtype).removeprefix("torch."),
             "compute_dtype": str(compute_dtype).removeprefix("torch."),
             "device_kind": model.device_kind(),
+            **layout,
         },
         "data": {"format": prepared.format, "assistant_only_loss": prepared.assistant_only_loss, **prepared.sources},
     }

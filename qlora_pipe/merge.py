@@ -33,7 +33,7 @@ from transformers.pytorch_utils import Conv1D
 from qlora_pipe import UserError, data, model
 from qlora_pipe.config import recipe_from_dict
 from qlora_pipe.manifest import atomic_dir, fingerprint_weights, write_manifest
-from qlora_pipe.quant import dequantize_fp32, nf4_layer, trained_weight_fp32
+from qlora_pipe.quant import dequantize_fp32, fused_merge_supported, merge_nf4_rows, nf4_layer, trained_weight_fp32
 from qlora_pipe.shards import OutTensor, ShardWriter, TensorRef, checkpoint_files, parse_size, read_index, read_tensor
 from qlora_pipe.train import load_run
 
@@ -201,6 +201,16 @@ def merged_tensor(ref: TensorRef, name: str | None, plan: Plan, adapter: Adapter
     quantized = q["method"] == "nf4" and leaf == "weight" and module in q.get("quantized_modules", {})
     if name in adapter.replaced:
         weight = adapter.replaced[name].float()
+    elif (
+        quantized
+        and mode == "dequantized"
+        and not check
+        and fused_merge_supported(tensor.T if fan_in_fan_out else tensor, q, device)
+    ):
+        # (out, in) layout, as transformers quantizes Conv1D weights
+        flat_delta = delta.T if (delta is not None and fan_in_fan_out) else delta
+        merged = merge_nf4_rows(tensor.T if fan_in_fan_out else tensor, q, flat_delta, plan.out_dtype)
+        return merged.T if fan_in_fan_out else merged
     elif quantized and (mode == "dequantized" or check):
         weight = quantized_weight(tensor, module, fan_in_fan_out, delta, mode, q, device, check, adapter,
                                   plan.out_dtype)  # fmt: skip

@@ -12,7 +12,7 @@ from functools import cache
 
 import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import QuantState, get_4bit_type, quantize_blockwise
+from bitsandbytes.functional import QuantState, dequantize_blockwise, get_4bit_type, quantize_blockwise
 
 CHUNK = 1 << 20  # elements per step of the CPU quantizer: a few MB, so each pass stays in cache
 
@@ -79,6 +79,57 @@ def nf4_codes_cpu(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, t
     return packed.unsqueeze(1), absmax
 
 
+def double_quant_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object, torch.Tensor]:
+    """bitsandbytes' double quant of the block scales, and the scales its dequantization then multiplies by."""
+    offset = absmax.mean()
+    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+    scales = dequantize_blockwise(qabsmax, state2)
+    scales += offset
+    return qabsmax, offset, state2, scales.float()
+
+
+def fused_merge_supported(weight: torch.Tensor, quantization: dict, device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and quantization["quant_type"] == "nf4"
+        and weight.shape[1] % quantization["blocksize"] == 0
+    )
+
+
+def merge_nf4_rows(weight: torch.Tensor, quantization: dict, delta: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """(NF4-dequantized weight + delta).to(out_dtype) for an (out, in) weight, in cache-sized chunks of rows.
+
+    The same arithmetic as quantizing (nf4_codes_cpu), dequantizing (code × block scale in fp32, bitsandbytes'
+    dequantize_4bit), adding PEFT's delta and casting, but never materialising the fp32 weight: a 7B merge spends
+    its time here. Equality with the unfused path is a test."""
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    blocksize = quantization["blocksize"]
+    weight = weight.to(getattr(torch, quantization["load_dtype"]))
+    rows = max(1, CHUNK // weight.shape[1])
+    absmax = torch.cat([w.float().reshape(-1, blocksize).abs().max(dim=-1)[0] for w in weight.split(rows)])
+    scales = double_quant_scales(absmax)[3] if quantization["double_quant"] else absmax
+    mids = _get_4bit_quantize_bounds("nf4", weight.device)[0]
+    below, midpoint = nf4_lookup(tuple(mids.tolist()))
+    code = get_4bit_type("nf4", device=weight.device)
+    out = torch.empty(weight.shape, dtype=out_dtype)
+    per_chunk = rows * weight.shape[1] // blocksize
+    for i, start in enumerate(range(0, weight.shape[0], rows)):
+        block = weight[start : start + rows].float().reshape(-1, blocksize)
+        scale = absmax[i * per_chunk : i * per_chunk + block.shape[0]]
+        scaled = torch.clamp(block * (1.0 / scale.clamp(min=1e-38).view(-1, 1)), -1, 1)
+        group = ((scaled.view(torch.int32) >> 16) & 0xFFFF).long()
+        q = (below[group] + (scaled > midpoint[group])).long()
+        merged = (code[q] * scales[i * per_chunk : i * per_chunk + block.shape[0]].view(-1, 1)).reshape(
+            -1, weight.shape[1]
+        )
+        if delta is not None:
+            merged += delta[start : start + rows]
+        out[start : start + rows] = merged
+    return out
+
+
 def quantize_nf4(weight: torch.Tensor, quantization: dict, device: torch.device) -> tuple[torch.Tensor, QuantState]:
     """bitsandbytes.functional.quantize_4bit for NF4 (with its double quant of the block scales), using the fast exact
     CPU quantizer on the CPU and the library's kernel elsewhere."""
@@ -99,8 +150,7 @@ def quantize_nf4(weight: torch.Tensor, quantization: dict, device: torch.device)
     common = dict(shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, code=code, quant_type="nf4")
     if not quantization["double_quant"]:
         return packed, QuantState(absmax=absmax, **common)
-    offset = absmax.mean()
-    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+    qabsmax, offset, state2, _ = double_quant_scales(absmax)
     return packed, QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
 
 

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from qlora_pipe.model import NF4
-from qlora_pipe.quant import dequantize_fp32, nf4_codes_cpu, nf4_layer, quantize_nf4, trained_weight_fp32
+from qlora_pipe.quant import (
+    dequantize_fp32,
+    merge_nf4_rows,
+    nf4_codes_cpu,
+    nf4_layer,
+    quantize_nf4,
+    trained_weight_fp32,
+)
 
 QUANT = {**NF4, "load_dtype": "bfloat16"}
 
@@ -50,3 +57,18 @@ def test_nf4_layer_outputs_equal_x_times_dequantized_weight():
     x = torch.randn(5, weight.shape[1])
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ trained_weight_fp32(layer).T, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("load_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_fused_row_merge_equals_dequantize_then_add(load_dtype, double_quant, out_dtype):
+    torch.manual_seed(0)
+    settings = {**QUANT, "load_dtype": load_dtype, "double_quant": double_quant}
+    for shape in [(300, 4096), (40, 11008), (64, 128)]:
+        weight = (torch.randn(*shape) * 0.02).to(torch.bfloat16)
+        delta = torch.randn(*shape) * 1e-3
+        expected = (trained_weight_fp32(nf4_layer(weight.float(), settings, torch.device("cpu"))) + delta).to(
+            out_dtype
+        )
+        assert torch.equal(merge_nf4_rows(weight, settings, delta, out_dtype), expected)

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,10 +190,9 @@ def quantized_weight(tensor: torch.Tensor, module: str, fan_in_fan_out: bool, de
     return weight.T if fan_in_fan_out else weight
 
 
-def merged_tensor(ref: TensorRef, name: str | None, plan: Plan, adapter: Adapter, q: dict, mode: str,
+def merged_tensor(tensor: torch.Tensor, name: str | None, plan: Plan, adapter: Adapter, q: dict, mode: str,
                   device: torch.device, check: LayerCheck | None) -> torch.Tensor:  # fmt: skip
     """One output tensor: the base tensor as training saw it (or the original), plus the LoRA delta, cast."""
-    tensor = read_tensor(ref)
     if not tensor.is_floating_point():
         return tensor
     module, _, leaf = (name or "").rpartition(".")
@@ -226,11 +226,16 @@ def merged_tensor(ref: TensorRef, name: str | None, plan: Plan, adapter: Adapter
 def stream_merge(plan: Plan, adapter: Adapter, manifest: dict, mode: str, device: torch.device, out: Path,
                  max_shard_size: int, check: LayerCheck | None) -> None:  # fmt: skip
     writer = ShardWriter(out, plan.outputs(), max_shard_size)
-    with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True) as bar:
-        for ref in plan.refs:
-            tensor = merged_tensor(
-                ref, plan.names[ref.key], plan, adapter, manifest["quantization"], mode, device, check
-            )
+    bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
+    # The next tensor is read while this one is computed (and the last one written): disk and CPU overlap.
+    with bar, ThreadPoolExecutor(1, thread_name_prefix="shard-reader") as reader:
+        upcoming = reader.submit(read_tensor, plan.refs[0])
+        for i, ref in enumerate(plan.refs):
+            tensor = upcoming.result()
+            if i + 1 < len(plan.refs):
+                upcoming = reader.submit(read_tensor, plan.refs[i + 1])
+            tensor = merged_tensor(tensor, plan.names[ref.key], plan, adapter, manifest["quantization"], mode,
+                                   device, check)  # fmt: skip
             writer.write(ref.key, tensor)
             bar.update(tensor.numel() * tensor.element_size())
     writer.close()

@@ -33,7 +33,7 @@ def nf4_lookup(bounds: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     ends = torch.stack([bits.view(torch.float32), (bits | 0xFFFF).view(torch.float32)])
     lo, hi = ends.min(0).values, ends.max(0).values
     mids = torch.tensor(bounds)
-    below = (mids.view(1, -1) < lo.view(-1, 1)).sum(1).to(torch.uint8)
+    below = (mids.view(1, -1) < lo.view(-1, 1)).sum(1).to(torch.int32)
     inside = (mids.view(1, -1) >= lo.view(-1, 1)) & (mids.view(1, -1) < hi.view(-1, 1))
     finite = lo.isfinite() & hi.isfinite()
     if int(inside[finite].sum(1).max()) > 1:
@@ -42,6 +42,12 @@ def nf4_lookup(bounds: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = inside.nonzero(as_tuple=True)
     midpoint[rows] = mids[cols]
     return below, midpoint
+
+
+def nf4_lookup_codes(scaled: torch.Tensor, below: torch.Tensor, midpoint: torch.Tensor) -> torch.Tensor:
+    """int32 NF4 codes of flat fp32 values in [-1, 1]: torch.bucketize over the midpoints, by table lookup."""
+    group = (scaled.view(torch.int32) >> 16) & 0xFFFF
+    return torch.index_select(below, 0, group) + (scaled > torch.index_select(midpoint, 0, group))
 
 
 def nf4_codes_cpu(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,9 +71,8 @@ def nf4_codes_cpu(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, t
         scale = block.abs().max(dim=-1)[0]
         absmax[start // blocksize : stop // blocksize] = scale
         scaled = torch.clamp(block * (1.0 / scale.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-        group = ((scaled.view(torch.int32) >> 16) & 0xFFFF).long()
-        q = below[group] + (scaled > midpoint[group])
-        packed[start // 2 : stop // 2] = (q[::2] << 4) | q[1::2]
+        q = nf4_lookup_codes(scaled, below, midpoint)
+        packed[start // 2 : stop // 2] = ((q[::2] << 4) | q[1::2]).to(torch.uint8)
     if full < n:  # a last, partial block: the library divides instead of multiplying by the reciprocal
         tail = flat[full:].float()
         scale = tail.abs().max().clamp(min=1e-38)
@@ -114,16 +119,14 @@ def merge_nf4_rows(weight: torch.Tensor, quantization: dict, delta: torch.Tensor
     below, midpoint = nf4_lookup(tuple(mids.tolist()))
     code = get_4bit_type("nf4", device=weight.device)
     out = torch.empty(weight.shape, dtype=out_dtype)
+    width = weight.shape[1]
     per_chunk = rows * weight.shape[1] // blocksize
     for i, start in enumerate(range(0, weight.shape[0], rows)):
         block = weight[start : start + rows].float().reshape(-1, blocksize)
         scale = absmax[i * per_chunk : i * per_chunk + block.shape[0]]
-        scaled = torch.clamp(block * (1.0 / scale.clamp(min=1e-38).view(-1, 1)), -1, 1)
-        group = ((scaled.view(torch.int32) >> 16) & 0xFFFF).long()
-        q = (below[group] + (scaled > midpoint[group])).long()
-        merged = (code[q] * scales[i * per_chunk : i * per_chunk + block.shape[0]].view(-1, 1)).reshape(
-            -1, weight.shape[1]
-        )
+        scaled = torch.clamp(block * (1.0 / scale.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+        values = torch.index_select(code, 0, nf4_lookup_codes(scaled, below, midpoint)).view(-1, blocksize)
+        merged = (values * scales[i * per_chunk : i * per_chunk + block.shape[0]].view(-1, 1)).reshape(-1, width)
         if delta is not None:
             merged += delta[start : start + rows]
         out[start : start + rows] = merged

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,9 @@ class ShardWriter:
         self.position = 0
         self.file = None
         self.total_bytes = sum(t.nbytes for t in tensors)
+        # Writing overlaps the computation of the next tensor; at most one tensor waits in memory.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self.pending: Future | None = None
 
     def _open(self, shard: int) -> None:
         if self.file:
@@ -132,12 +136,21 @@ class ShardWriter:
         shard, expected = self.order[self.position]
         if key != expected.key or tensor.dtype != expected.dtype or list(tensor.shape) != expected.shape:
             raise RuntimeError(f"shard writer expected {expected}, got {key} {tensor.dtype} {list(tensor.shape)}")
-        if self.position == 0 or self.order[self.position - 1][0] != shard:
-            self._open(shard)
-        self.file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # no copy
+        new_shard = self.position == 0 or self.order[self.position - 1][0] != shard
+        if self.pending:
+            self.pending.result()
+        self.pending = self.pool.submit(self._write, shard if new_shard else None, tensor)
         self.position += 1
 
+    def _write(self, new_shard: int | None, tensor: torch.Tensor) -> None:
+        if new_shard is not None:
+            self._open(new_shard)
+        self.file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # no copy
+
     def close(self) -> None:
+        if self.pending:
+            self.pending.result()
+        self.pool.shutdown()
         if self.position != len(self.order):
             raise RuntimeError(f"shard writer closed after {self.position} of {len(self.order)} tensors")
         self.file.close()

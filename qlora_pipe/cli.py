@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 
@@ -152,9 +153,15 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def exit_on_sigterm(signum, frame) -> None:
+    # SystemExit unwinds like Ctrl-C does: temporary output directories are removed on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     args = parser().parse_args(argv)
     try:
         args.func(args)

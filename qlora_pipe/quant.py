@@ -113,7 +113,8 @@ def merge_nf4_rows(weight: torch.Tensor, quantization: dict, delta: torch.Tensor
     blocksize = quantization["blocksize"]
     weight = weight.to(getattr(torch, quantization["load_dtype"]))
     rows = max(1, CHUNK // weight.shape[1])
-    absmax = torch.cat([w.float().reshape(-1, blocksize).abs().max(dim=-1)[0] for w in weight.split(rows)])
+    # |x| and max are exact in any float dtype and widening is monotone: the block maxima can be taken before the cast
+    absmax = torch.cat([w.reshape(-1, blocksize).abs().amax(dim=-1).float() for w in weight.split(rows)])
     scales = double_quant_scales(absmax)[3] if quantization["double_quant"] else absmax
     mids = _get_4bit_quantize_bounds("nf4", weight.device)[0]
     below, midpoint = nf4_lookup(tuple(mids.tolist()))

@@ -37,11 +37,19 @@ def assert_bitwise_equal_to_in_memory(run, merged_dir, mode, out_dtype):
         assert torch.equal(tensor, expected[name]), f"{key} differs from the in-memory merge"
 
 
-@pytest.mark.parametrize(
-    ("arch", "compute"), [("llama", "float32"), ("qwen2", "float32"), ("gpt2", "float32"), ("mistral", "bfloat16")]
-)
-def test_streaming_output_is_bitwise_identical_to_in_memory_merge(arch, compute, tiny_model, write_recipe, tmp_path):
-    run = trained_run(write_recipe, tiny_model(arch), tmp_path, model={"compute_dtype": compute})
+CASES = [
+    ("llama", "float32", False),
+    ("qwen2", "float32", True),
+    ("gpt2", "float32", False),
+    ("mistral", "bfloat16", False),
+]
+
+
+@pytest.mark.parametrize(("arch", "compute", "rslora"), CASES)
+def test_streaming_output_is_bitwise_identical_to_in_memory_merge(arch, compute, rslora, tiny_model, write_recipe,
+                                                                  tmp_path):  # fmt: skip
+    lora = {"use_rslora": rslora, "alpha": 32}
+    run = trained_run(write_recipe, tiny_model(arch), tmp_path, model={"compute_dtype": compute}, lora=lora)
     for mode in merge.MODES:
         out = tmp_path / mode
         merge.merge(run, mode=mode, dtype="float32", out=out, verify="none")

@@ -70,6 +70,17 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model: {out}")
 
 
+def _loftq(args: argparse.Namespace) -> None:
+    from qlora_pipe.loftq import REPORT, run_loftq
+
+    out = run_loftq(load_recipe(args.recipe, args.overrides), args.device)
+    summary = json.loads((out / REPORT).read_text())["summary"]
+    print(f"\nLoftQ over {summary['matrices']} matrices ({summary['seconds']:.1f} s): relative error "
+          f"‖W−Q‖ {summary['relative_error_q']:.4f} → ‖W−(Q+s·B·A)‖ {summary['relative_error_loftq']:.4f} "
+          f"({summary['matrices_improved']} of {summary['matrices']} matrices improved)")  # fmt: skip
+    print(f"backbone and adapter_init: {out}")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from qlora_pipe.generate import generate
 
@@ -103,6 +114,19 @@ def parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     train.set_defaults(func=_train)
+
+    loftq = sub.add_parser(
+        "loftq",
+        help="compute a LoftQ initialisation (backbone + adapter) for a recipe",
+        description="LoftQ: fit, matrix by matrix, an NF4 backbone Q and LoRA A, B with Q + s·B·A ≈ W, using the "
+        "recipe's NF4 settings, rank and alpha. Writes OUTPUT_DIR/loftq (backbone/, adapter_init/, "
+        "loftq_report.json, manifest.json); resumes an interrupted run. `train` with lora.init: loftq uses it.",
+    )
+    loftq.add_argument("recipe", help="recipe YAML file")
+    loftq.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override recipe fields")
+    loftq.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where to quantize and decompose (auto: CUDA when present)")  # fmt: skip
+    loftq.set_defaults(func=_loftq)
 
     merge = sub.add_parser(
         "merge",

@@ -52,8 +52,13 @@ class LoraSettings:
     """`all-linear` (every linear layer but the output head) or a list of module names such as [q_proj, v_proj]."""
     use_rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r."""
-    init: Literal["default", "gaussian"] = "default"
-    """Initialisation of A (B starts at zero either way): `default` (Kaiming-uniform) or `gaussian`."""
+    init: Literal["default", "gaussian", "loftq"] = "default"
+    """Initialisation: `default` (A Kaiming-uniform, B zero), `gaussian` (A Gaussian, B zero), or `loftq`: run the
+    LoftQ stage first (OUTPUT_DIR/loftq) and train from its backbone and adapter."""
+    loftq_iters: int = 5
+    """LoftQ alternations of quantization and low-rank fitting per matrix."""
+    loftq_svd: Literal["lowrank", "exact"] = "lowrank"
+    """SVD used by LoftQ: `lowrank` (torch.svd_lowrank, oversampled; much faster) or `exact` (torch.linalg.svd)."""
 
 
 @dataclass
@@ -148,6 +153,12 @@ def _check_values(recipe: Recipe) -> list[str]:
             isinstance(lo.target_modules, str) and lo.target_modules != "all-linear",
             "lora.target_modules",
             f"must be `all-linear` or a list of module names, got {lo.target_modules!r}",
+        ),
+        (lo.loftq_iters <= 0, "lora.loftq_iters", f"must be a positive integer, got {lo.loftq_iters}"),
+        (
+            lo.init == "loftq" and m.quantization != "nf4",
+            "lora.init",
+            "loftq fits the adapter to the NF4 quantization error; it needs model.quantization: nf4",
         ),
         (not d.train, "data.train", "is required: set it to a data file or a hub data set name"),
         (not 0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ def load(path: str | Path) -> tuple[torch.nn.Module, object, str]:
         recipe = recipe_from_dict(manifest["recipe"])
         q = manifest["quantization"]
         compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
-        base = model.load_base(recipe.model, compute_dtype, q["method"] == "nf4", getattr(torch, q["load_dtype"]))
+        base_cfg = dataclasses.replace(recipe.model, base=manifest["base"]["path"])  # the LoftQ backbone if any
+        base = model.load_base(base_cfg, compute_dtype, q["method"] == "nf4", getattr(torch, q["load_dtype"]))
         return PeftModel.from_pretrained(base, adapter), model.load_tokenizer(str(adapter)), f"{path} (base + adapter)"
     if (path / "config.json").exists():
         net = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=model.device_map())

@@ -14,6 +14,7 @@ layer by layer on the same inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -264,7 +265,8 @@ def load_trained(manifest: dict) -> torch.nn.Module:
     """NF4 base exactly as training loaded it (same load dtype: it sets the block scales), computing in exact fp32."""
     recipe = recipe_from_dict(manifest["recipe"])
     q = manifest["quantization"]
-    trained = model.load_base(recipe.model, torch.float32, q["method"] == "nf4", getattr(torch, q["load_dtype"]))
+    base = dataclasses.replace(recipe.model, base=manifest["base"]["path"])  # the LoftQ backbone for LoftQ runs
+    trained = model.load_base(base, torch.float32, q["method"] == "nf4", getattr(torch, q["load_dtype"]))
     model.set_cpu_bf16_fastpath(trained, False)
     return trained
 

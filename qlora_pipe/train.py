@@ -6,6 +6,7 @@ the recipe onto their configs, check the inputs before the model is loaded, and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from qlora_pipe import UserError, data, model
+from qlora_pipe import UserError, data, loftq, model
 from qlora_pipe.config import Recipe, recipe_to_dict
 from qlora_pipe.manifest import MANIFEST, atomic_dir, fingerprint_weights, read_manifest, write_manifest
 
@@ -44,7 +45,8 @@ def check_output_dir(out: Path) -> None:
     """Refuse to write a run into a directory that holds something else."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists() and not (out / CHECKPOINTS).exists():
+    markers = (MANIFEST, CHECKPOINTS, loftq.LOFTQ, f".{loftq.LOFTQ}.partial")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in markers):
         raise UserError(
             f"output_dir: {out} exists, is not empty and is not a qlora-pipe run; choose another output_dir"
         )
@@ -58,7 +60,8 @@ def lora_config(recipe: Recipe) -> peft.LoraConfig:
         lora_dropout=lo.dropout,
         target_modules=lo.target_modules,
         use_rslora=lo.use_rslora,
-        init_lora_weights=True if lo.init == "default" else lo.init,
+        # loftq: the weights come from the LoftQ stage's adapter_init/, loaded over this default
+        init_lora_weights="gaussian" if lo.init == "gaussian" else True,
         task_type="CAUSAL_LM",
     )
 
@@ -110,15 +113,22 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     prepared = data.load_data(recipe.data, tokenizer, recipe.train.seed)
     compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
     quantized = recipe.model.quantization == "nf4"
+    model_cfg, adapter_init = recipe.model, None
+    if recipe.lora.init == "loftq":
+        backbone, adapter_init = loftq.loftq_outputs(recipe)
+        model_cfg, base = dataclasses.replace(recipe.model, base=str(backbone)), str(backbone)
 
     torch.manual_seed(recipe.train.seed)  # LoRA A is drawn at get_peft_model time
-    base_model = model.load_base(recipe.model, compute_dtype, quantized)
+    base_model = model.load_base(model_cfg, compute_dtype, quantized)
     layout = model.describe_quantization(base_model, compute_dtype)
     if quantized:
         model.set_cpu_bf16_fastpath(base_model, False)
         # Checkpointing is switched on by the trainer (non-reentrant, so inputs need not require grads).
         base_model = peft.prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)
-    peft_model = peft.get_peft_model(base_model, lora_config(recipe))
+    if adapter_init:
+        peft_model = peft.PeftModel.from_pretrained(base_model, adapter_init, is_trainable=True)
+    else:
+        peft_model = peft.get_peft_model(base_model, lora_config(recipe))
     out.mkdir(parents=True, exist_ok=True)
     trainer = SFTTrainer(
         model=peft_model,

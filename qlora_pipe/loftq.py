@@ -1,0 +1,264 @@
+"""LoftQ stage: a quantization-aware LoRA initialisation (Li et al., 2023), streamed, on the CPU or a GPU.
+
+Alternate Q = NF4(W − s·B·A) and s·B·A = best rank-r approximation of W − Q; then train in NF4 from Q with the
+adapter starting at (A, B), so that NF4 base + adapter starts close to the full-precision model.
+
+Why our own: PEFT's `loftq_init` hard-codes a CUDA/XPU device and works on the whole model in memory; it sets
+B·A ≈ W − Q without dividing by the LoRA scale s = alpha/r (right only when alpha == r, peft issue 1982); and it
+quantizes without double quant, while training re-quantizes the backbone with the recipe's settings. Here every
+matrix is fitted with the recipe's exact NF4 settings, for any alpha and rsLoRA, and the final A, B are fitted to
+the Q that training will load (the stored backbone, re-quantized).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers.pytorch_utils import Conv1D
+
+from qlora_pipe import UserError, model
+from qlora_pipe.config import Recipe, recipe_to_dict
+from qlora_pipe.manifest import atomic_dir, fingerprint_weights, read_manifest, write_manifest
+from qlora_pipe.quant import dequantize_fp32, quantize_nf4
+from qlora_pipe.shards import OutTensor, ShardWriter, TensorRef, checkpoint_files, read_index, read_tensor
+
+logger = logging.getLogger(__name__)
+
+LOFTQ = "loftq"
+BACKBONE = "backbone"
+ADAPTER_INIT = "adapter_init"
+REPORT = "loftq_report.json"
+OVERSAMPLE = 8  # extra columns for torch.svd_lowrank
+
+
+@dataclass
+class Fit:
+    """One matrix's LoftQ result: the backbone weight Q (fp32, (out, in)), A, B, and the errors."""
+
+    q: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    error_q: float  # ‖W − Q‖_F, Q as training loads it
+    error_loftq: float  # ‖W − (Q + s·B·A)‖_F
+    norm_w: float
+    seconds: float
+
+
+def nf4_roundtrip(weight: torch.Tensor, quantization: dict, device: torch.device) -> torch.Tensor:
+    """The fp32 weight bitsandbytes' matmul would use for `weight` quantized with the recipe's NF4 settings."""
+    packed, state = quantize_nf4(weight.to(device, getattr(torch, quantization["load_dtype"])).contiguous(),
+                                 quantization, device)  # fmt: skip
+    return dequantize_fp32(packed, state)
+
+
+def low_rank(residual: torch.Tensor, rank: int, svd: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """L (out, r), R (r, in): L·R is the best rank-r approximation of `residual`, √S on each side (as PEFT splits)."""
+    if svd == "exact":
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    else:
+        u, s, v = torch.svd_lowrank(residual, q=min(rank + OVERSAMPLE, *residual.shape), niter=2)
+        vh = v.T
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def fit_matrix(weight: torch.Tensor, quantization: dict, rank: int, scaling: float, iters: int, svd: str,
+               storage_dtype: torch.dtype | None, device: torch.device) -> Fit:  # fmt: skip
+    """LoftQ on one (out, in) weight. `storage_dtype`: the dtype the backbone is saved in; training re-quantizes that
+    stored Q, so the final A, B are fitted to the re-quantized one (None: fit to Q as found, as PEFT does)."""
+    start = time.monotonic()
+    w = weight.to(device, torch.float32)
+    target, best = w, None
+    for _ in range(iters):
+        q = nf4_roundtrip(target, quantization, device)
+        left, right = low_rank(w - q, rank, svd)
+        error = torch.linalg.matrix_norm(w - q - left @ right).item()
+        if best is None or error < best[0]:
+            best = (error, q, left, right)
+        target = w - left @ right
+    _, q, left, right = best
+    if storage_dtype is not None:
+        q = nf4_roundtrip(q.to(storage_dtype), quantization, device)
+        left, right = low_rank(w - q, rank, svd)
+    # s·B·A = L·R: split the 1/s evenly between B and A
+    root = math.sqrt(scaling)
+    b, a = left / root, right / root
+    error_loftq = torch.linalg.matrix_norm(w - (q + scaling * (b @ a))).item()
+    return Fit(q.cpu(), a.cpu(), b.cpu(), torch.linalg.matrix_norm(w - q).item(), error_loftq,
+               torch.linalg.matrix_norm(w).item(), time.monotonic() - start)  # fmt: skip
+
+
+def lora_scaling(recipe: Recipe) -> float:
+    r, alpha = recipe.lora.r, recipe.lora.alpha
+    return alpha / math.sqrt(r) if recipe.lora.use_rslora else alpha / r
+
+
+def target_modules(base: Path, recipe: Recipe) -> tuple[dict[str, str], set[str]]:
+    """checkpoint key → module name of every weight LoRA targets and bitsandbytes quantizes; the Conv1D modules."""
+    trust = recipe.model.trust_remote_code
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base, trust_remote_code=trust),
+                                                    trust_remote_code=trust)  # fmt: skip
+    output = skeleton.get_output_embeddings()
+    wanted = recipe.lora.target_modules
+    modules = {}
+    for name, module in skeleton.named_modules():
+        linear = type(module) is torch.nn.Linear or isinstance(module, Conv1D)
+        if not linear or module is output:
+            continue
+        if wanted == "all-linear" or any(name == t or name.endswith("." + t) for t in wanted):
+            modules[name] = module
+    conv1d = {n for n, m in modules.items() if isinstance(m, Conv1D)}
+    params = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)}
+    keys = {}
+    for ref in read_index(checkpoint_files(base)):
+        name = ref.key if ref.key in params else f"{skeleton.base_model_prefix}.{ref.key}"
+        if name.endswith(".weight") and name.removesuffix(".weight") in modules:
+            keys[ref.key] = name.removesuffix(".weight")
+    if not keys:
+        raise UserError(f"lora.target_modules: no weight of {base} matches {wanted!r}")
+    return keys, conv1d
+
+
+def settings(recipe: Recipe, quantization: dict) -> dict:
+    lo = recipe.lora
+    return {"r": lo.r, "alpha": lo.alpha, "use_rslora": lo.use_rslora, "target_modules": lo.target_modules,
+            "iters": lo.loftq_iters, "svd": lo.loftq_svd, "quantization": quantization}  # fmt: skip
+
+
+def run_loftq(recipe: Recipe, device: str = "auto") -> Path:
+    """Write OUTPUT_DIR/loftq: backbone/ (Q in place of each targeted weight), adapter_init/ (a PEFT adapter with
+    A, B), loftq_report.json and manifest.json. Resumes from the matrices a previous run finished."""
+    base = Path(model.check_base(recipe.model.base))
+    if not base.is_dir():
+        from huggingface_hub import snapshot_download
+
+        base = Path(snapshot_download(str(base), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    files = checkpoint_files(base)
+    if not files:
+        raise UserError(f"model.base: {base} has no safetensors weights; LoftQ reads *.safetensors")
+    compute = model.resolve_compute_dtype(recipe.model.compute_dtype)
+    quantization = {**model.NF4, "load_dtype": str(compute).removeprefix("torch.")}
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    out = Path(recipe.output_dir) / LOFTQ
+    partial = Path(recipe.output_dir) / f".{LOFTQ}.partial"
+    wanted = settings(recipe, quantization)
+    if partial.exists() and json.loads((partial / "settings.json").read_text()) != json.loads(json.dumps(wanted)):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "settings.json").write_text(json.dumps(wanted))
+
+    keys, conv1d = target_modules(base, recipe)
+    refs = read_index(files)
+    scaling = lora_scaling(recipe)
+    lo = recipe.lora
+    for index, ref in enumerate(tqdm([r for r in refs if r.key in keys], desc="LoftQ", unit="matrix")):
+        done = partial / f"{index:05d}.safetensors"
+        if done.exists():
+            continue
+        tensor = read_tensor(ref)
+        transposed = keys[ref.key] in conv1d
+        fit = fit_matrix(tensor.T if transposed else tensor, quantization, lo.r, scaling, lo.loftq_iters,
+                         lo.loftq_svd, tensor.dtype, dev)  # fmt: skip
+        q = (fit.q.T if transposed else fit.q).to(tensor.dtype).contiguous()
+        facts = {"key": ref.key, "module": keys[ref.key], "error_q": fit.error_q, "error_loftq": fit.error_loftq,
+                 "norm_w": fit.norm_w, "seconds": fit.seconds}  # fmt: skip
+        tmp = done.with_suffix(".tmp")
+        save_file(
+            {"q": q, "a": fit.a.contiguous(), "b": fit.b.contiguous()}, tmp, metadata={"facts": json.dumps(facts)}
+        )
+        tmp.rename(done)
+
+    with atomic_dir(out) as tmp:
+        report = write_outputs(recipe, base, refs, keys, partial, tmp)
+        write_manifest(tmp, "loftq", recipe=recipe_to_dict(recipe), base={"path": str(base),
+                       "weights_fingerprint": fingerprint_weights(files)}, settings=wanted, device=dev.type,
+                       summary=report["summary"])  # fmt: skip
+    shutil.rmtree(partial)
+    s = report["summary"]
+    logger.info("LoftQ: %d matrices, relative error ‖W−Q‖ %.4f → ‖W−(Q+sBA)‖ %.4f, %.1f s",
+                s["matrices"], s["relative_error_q"], s["relative_error_loftq"], s["seconds"])  # fmt: skip
+    return out
+
+
+def write_outputs(recipe: Recipe, base: Path, refs: list[TensorRef], keys: dict[str, str], partial: Path,
+                  out: Path) -> dict:  # fmt: skip
+    """Assemble backbone/ (streamed, shard by shard), adapter_init/ and the report from the per-matrix results."""
+    fits = {key: partial / f"{i:05d}.safetensors" for i, key in enumerate(r.key for r in refs if r.key in keys)}
+    backbone = out / BACKBONE
+    backbone.mkdir()
+    writer = ShardWriter(backbone, [OutTensor(r.key, r.dtype, r.shape) for r in refs], 5 * 10**9)
+    adapter, rows = {}, []
+    for ref in refs:
+        if ref.key not in fits:
+            writer.write(ref.key, read_tensor(ref))
+            continue
+        with safe_open(fits[ref.key], "pt") as f:
+            writer.write(ref.key, f.get_tensor("q"))
+            prefix = f"base_model.model.{keys[ref.key]}"
+            adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"] = (
+                f.get_tensor("a"),
+                f.get_tensor("b"),
+            )
+            rows.append(json.loads(f.metadata()["facts"]))
+    writer.close()
+    trust = recipe.model.trust_remote_code
+    AutoConfig.from_pretrained(base, trust_remote_code=trust).save_pretrained(backbone)
+    if (base / "generation_config.json").exists():
+        GenerationConfig.from_pretrained(base).save_pretrained(backbone)
+    model.load_tokenizer(str(base), trust).save_pretrained(backbone)
+    write_adapter(recipe, backbone, out / ADAPTER_INIT, adapter)
+    report = {"matrices": rows, "summary": summarize(rows)}
+    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def write_adapter(recipe: Recipe, backbone: Path, out: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from qlora_pipe.train import lora_config
+
+    config = lora_config(recipe)
+    config.base_model_name_or_path = str(backbone.resolve())
+    config.target_modules = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
+    config.save_pretrained(out)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def summarize(rows: list[dict]) -> dict:
+    norm_w = math.sqrt(sum(r["norm_w"] ** 2 for r in rows))
+    return {
+        "matrices": len(rows),
+        "error_q": math.sqrt(sum(r["error_q"] ** 2 for r in rows)),
+        "error_loftq": math.sqrt(sum(r["error_loftq"] ** 2 for r in rows)),
+        "relative_error_q": math.sqrt(sum(r["error_q"] ** 2 for r in rows)) / norm_w,
+        "relative_error_loftq": math.sqrt(sum(r["error_loftq"] ** 2 for r in rows)) / norm_w,
+        "matrices_improved": sum(r["error_loftq"] < r["error_q"] for r in rows),
+        "seconds": sum(r["seconds"] for r in rows),
+    }
+
+
+def loftq_outputs(recipe: Recipe) -> tuple[Path, Path]:
+    """backbone/ and adapter_init/ for training, running the stage first when its output is missing or stale."""
+    out = Path(recipe.output_dir) / LOFTQ
+    compute = model.resolve_compute_dtype(recipe.model.compute_dtype)
+    wanted = settings(recipe, {**model.NF4, "load_dtype": str(compute).removeprefix("torch.")})
+    fresh = (out / "manifest.json").exists() and read_manifest(out, "loftq")["settings"] == json.loads(
+        json.dumps(wanted)
+    )
+    if not fresh:
+        run_loftq(recipe)
+    return out / BACKBONE, out / ADAPTER_INIT

@@ -185,7 +185,7 @@ def run_loftq(recipe: Recipe, device: str = "auto") -> Path:
         tmp.rename(done)
 
     with atomic_dir(out) as tmp:
-        report = write_outputs(recipe, base, refs, keys, partial, tmp)
+        report = write_outputs(recipe, base, refs, keys, partial, tmp, out / BACKBONE)
         write_manifest(tmp, "loftq", recipe=recipe_to_dict(recipe), base={"path": str(base),
                        "weights_fingerprint": fingerprint_weights(files)}, settings=wanted, device=dev.type,
                        summary=report["summary"])  # fmt: skip
@@ -197,7 +197,7 @@ def run_loftq(recipe: Recipe, device: str = "auto") -> Path:
 
 
 def write_outputs(recipe: Recipe, base: Path, refs: list[TensorRef], keys: dict[str, str], partial: Path,
-                  out: Path) -> dict:  # fmt: skip
+                  out: Path, final_backbone: Path) -> dict:  # fmt: skip
     """Assemble backbone/ (streamed, shard by shard), adapter_init/ and the report from the per-matrix results."""
     fits = {key: partial / f"{i:05d}.safetensors" for i, key in enumerate(r.key for r in refs if r.key in keys)}
     backbone = out / BACKBONE
@@ -222,7 +222,7 @@ def write_outputs(recipe: Recipe, base: Path, refs: list[TensorRef], keys: dict[
     if (base / "generation_config.json").exists():
         GenerationConfig.from_pretrained(base).save_pretrained(backbone)
     model.load_tokenizer(str(base), trust).save_pretrained(backbone)
-    write_adapter(recipe, backbone, out / ADAPTER_INIT, adapter)
+    write_adapter(recipe, final_backbone, out / ADAPTER_INIT, adapter)
     report = {"matrices": rows, "summary": summarize(rows)}
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report

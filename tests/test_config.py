@@ -54,9 +54,12 @@ def test_choices_are_listed_for_literal_fields(tmp_path):
         load_recipe(recipe_file(tmp_path, "model: {base: a/b, quantization: int8}\ndata: {train: d.jsonl}\n"))
 
 
-def test_loftq_init_is_rejected_clearly_for_now(tmp_path):
-    with pytest.raises(UserError, match=r"lora.init: expected one of 'default', 'gaussian', got 'loftq'"):
-        load_recipe(recipe_file(tmp_path, "model: {base: a/b}\nlora: {init: loftq}\ndata: {train: d.jsonl}\n"))
+def test_loftq_needs_nf4_and_positive_iterations(tmp_path):
+    text = "model: {base: a/b, quantization: none}\nlora: {init: loftq, loftq_iters: 0}\ndata: {train: d.jsonl}\n"
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(tmp_path, text))
+    assert "lora.init: loftq fits the adapter to the NF4 quantization error" in str(err.value)
+    assert "lora.loftq_iters: must be a positive integer, got 0" in str(err.value)
 
 
 def test_overrides_apply_with_yaml_types(tmp_path):

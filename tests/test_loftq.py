@@ -1,0 +1,166 @@
+"""LoftQ: lowers every matrix's error, never worsens with more iterations, matches PEFT where both are defined, beats
+PEFT when alpha != r, resumes, and runs end to end into training and merge."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import peft.utils.loftq_utils as peft_loftq
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from qlora_pipe import cli, loftq, model
+from qlora_pipe.config import load_recipe
+from qlora_pipe.model import NF4
+
+EXACT_NO_DQ = {**NF4, "double_quant": False, "load_dtype": "float32"}
+
+
+def weight(out_f=256, in_f=512, seed=0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(out_f, in_f, generator=gen) * 0.02
+        + torch.randn(out_f, 4, generator=gen) @ torch.randn(4, in_f, generator=gen) * 0.01
+    )
+
+
+def peft_loftq_init_on_cpu():
+    """PEFT's loftq_init with its hard-coded CUDA/XPU device replaced by the CPU, everything else untouched."""
+    source = inspect.getsource(peft_loftq.loftq_init.__wrapped__ if hasattr(peft_loftq.loftq_init, "__wrapped__")
+                               else peft_loftq.loftq_init)  # fmt: skip
+    patched = source.replace('"xpu" if is_xpu_available() else "cuda"', '"cpu"').replace("@torch.no_grad()\n", "")
+    assert patched != source
+    namespace = dict(vars(peft_loftq))
+    exec(patched, namespace)
+    return namespace["loftq_init"]
+
+
+def test_matches_peft_where_both_are_defined():
+    """alpha == r, no double quant, exact SVD, fitted to Q as found (no re-quantized backbone): the same algorithm."""
+    w = weight()
+    fit = loftq.fit_matrix(w, EXACT_NO_DQ, rank=8, scaling=1.0, iters=3, svd="exact", storage_dtype=None,
+                           device=torch.device("cpu"))  # fmt: skip
+    q, lora_a, lora_b = peft_loftq_init_on_cpu()(w, num_bits=4, reduced_rank=8, num_iter=3)
+    torch.testing.assert_close(fit.q, q, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fit.b @ fit.a, lora_b @ lora_a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fit.a, lora_a, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(fit.b, lora_b, rtol=1e-3, atol=1e-5)
+
+
+def test_alpha_not_r_beats_peft():
+    """PEFT sets B·A ≈ W − Q and the adapter then adds s·B·A: with alpha = 4r (s = 4) it overshoots."""
+    w = weight()
+    scaling = 4.0
+    fit = loftq.fit_matrix(w, EXACT_NO_DQ, rank=8, scaling=scaling, iters=3, svd="exact", storage_dtype=None,
+                           device=torch.device("cpu"))  # fmt: skip
+    q, lora_a, lora_b = peft_loftq_init_on_cpu()(w, num_bits=4, reduced_rank=8, num_iter=3)
+    ours = torch.linalg.matrix_norm(w - (fit.q + scaling * fit.b @ fit.a))
+    theirs = torch.linalg.matrix_norm(w - (q + scaling * lora_b @ lora_a))
+    plain = torch.linalg.matrix_norm(w - q)
+    assert ours < plain < theirs
+
+
+@pytest.mark.parametrize("svd", ["exact", "lowrank"])
+def test_error_does_not_grow_with_more_iterations(svd):
+    w = weight(seed=1)
+    errors = [
+        loftq.fit_matrix(
+            w, {**NF4, "load_dtype": "float32"}, 8, 2.0, iters, svd, None, torch.device("cpu")
+        ).error_loftq
+        for iters in range(1, 6)
+    ]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:], strict=False)), errors
+
+
+@pytest.fixture
+def loftq_recipe(write_recipe, tiny_model):
+    return write_recipe(tiny_model("llama"), lora={"init": "loftq", "alpha": 32, "r": 8, "loftq_svd": "exact"})
+
+
+def test_every_matrix_error_falls(loftq_recipe, tmp_path):
+    out = loftq.run_loftq(load_recipe(loftq_recipe))
+    report = json.loads((out / loftq.REPORT).read_text())
+    assert report["summary"]["matrices"] == 2 * 7
+    assert all(row["error_loftq"] < row["error_q"] for row in report["matrices"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "loftq" and manifest["settings"]["quantization"]["double_quant"] is True
+
+
+def initial_logits(base_dir, adapter_dir, ids, quantized=True):
+    recipe_model = load_recipe_model(base_dir)
+    net = model.load_base(recipe_model, torch.float32, quantized, torch.float32)
+    if quantized:
+        model.set_cpu_bf16_fastpath(net, False)
+    if adapter_dir:
+        net = PeftModel.from_pretrained(net, adapter_dir)
+    with torch.no_grad():
+        return net.eval()(input_ids=ids).logits
+
+
+def load_recipe_model(base_dir):
+    from qlora_pipe.config import ModelConfig
+
+    return ModelConfig(base=str(base_dir), compute_dtype="float32")
+
+
+def test_initial_model_is_closer_to_full_precision_than_nf4_and_than_peft_scaling(loftq_recipe, tiny_model, tmp_path):
+    recipe = load_recipe(loftq_recipe)
+    out = loftq.run_loftq(recipe)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    full = initial_logits(tiny_model("llama"), None, ids, quantized=False)
+    plain_nf4 = initial_logits(tiny_model("llama"), None, ids)
+    ours = initial_logits(out / loftq.BACKBONE, out / loftq.ADAPTER_INIT, ids)
+    # the same fit stored the way PEFT's loftq_init would leave it (B·A ≈ W − Q, not (W − Q)/s)
+    scale = math.sqrt(loftq.lora_scaling(recipe))
+    peft_style = tmp_path / "peft_style"
+    peft_style.mkdir()
+    tensors = {k: v * scale for k, v in load_file(out / loftq.ADAPTER_INIT / "adapter_model.safetensors").items()}
+    from safetensors.torch import save_file
+
+    save_file(tensors, peft_style / "adapter_model.safetensors")
+    (peft_style / "adapter_config.json").write_bytes((out / loftq.ADAPTER_INIT / "adapter_config.json").read_bytes())
+    theirs = initial_logits(out / loftq.BACKBONE, peft_style, ids)
+
+    def distance(x):
+        return (torch.linalg.vector_norm(x - full) / torch.linalg.vector_norm(full)).item()
+
+    assert distance(ours) < distance(plain_nf4) < distance(theirs)
+
+
+def test_interrupted_run_resumes_and_equals_an_uninterrupted_one(loftq_recipe, monkeypatch, tmp_path):
+    recipe = load_recipe(loftq_recipe)
+    reference = loftq.run_loftq(load_recipe(loftq_recipe, [f"output_dir={tmp_path / 'reference'}"]))
+    real_fit, calls = loftq.fit_matrix, []
+
+    def crash_after_five(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(loftq, "fit_matrix", crash_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        loftq.run_loftq(recipe)
+    assert not (tmp_path / "run" / loftq.LOFTQ).exists()
+    calls.clear()
+    monkeypatch.setattr(loftq, "fit_matrix", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
+    out = loftq.run_loftq(recipe)
+    assert len(calls) == 14 - 5
+    for name in ("backbone/model.safetensors", "adapter_init/adapter_model.safetensors"):
+        got, want = load_file(out / name), load_file(reference / name)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_loftq_train_merge_end_to_end(loftq_recipe, tmp_path):
+    run = tmp_path / "run"
+    assert cli.main(["train", str(loftq_recipe)]) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["base"]["path"].endswith("loftq/backbone")
+    assert cli.main(["merge", str(run), "--dtype", "float32"]) == 0
+    report = json.loads((run / "merged" / "merge_report.json").read_text())
+    assert report["modes"]["dequantized"]["relative_error"] <= 1e-5
+    assert report["modes"]["dequantized"]["top1_agreement"] == 1.0

@@ -47,6 +47,7 @@ class Fit:
     """One matrix's LoftQ result: the backbone weight Q (fp32, (out, in)), A, B, and the errors."""
 
     q: torch.Tensor
+    backbone: torch.Tensor  # what is stored: training re-quantizes it into exactly `q`
     a: torch.Tensor
     b: torch.Tensor
     error_q: float  # ‖W − Q‖_F, Q as training loads it
@@ -88,14 +89,16 @@ def fit_matrix(weight: torch.Tensor, quantization: dict, rank: int, scaling: flo
             best = (error, q, left, right)
         target = w - left @ right
     _, q, left, right = best
+    backbone = q
     if storage_dtype is not None:
-        q = nf4_roundtrip(q.to(storage_dtype), quantization, device)
+        backbone = q.to(storage_dtype)
+        q = nf4_roundtrip(backbone, quantization, device)
         left, right = low_rank(w - q, rank, svd)
     # s·B·A = L·R: split the 1/s evenly between B and A
     root = math.sqrt(scaling)
     b, a = left / root, right / root
     error_loftq = torch.linalg.matrix_norm(w - (q + scaling * (b @ a))).item()
-    return Fit(q.cpu(), a.cpu(), b.cpu(), torch.linalg.matrix_norm(w - q).item(), error_loftq,
+    return Fit(q.cpu(), backbone.cpu(), a.cpu(), b.cpu(), torch.linalg.matrix_norm(w - q).item(), error_loftq,
                torch.linalg.matrix_norm(w).item(), time.monotonic() - start)  # fmt: skip
 
 
@@ -175,7 +178,7 @@ def run_loftq(recipe: Recipe, device: str = "auto") -> Path:
         transposed = keys[ref.key] in conv1d
         fit = fit_matrix(tensor.T if transposed else tensor, quantization, lo.r, scaling, lo.loftq_iters,
                          lo.loftq_svd, tensor.dtype, dev)  # fmt: skip
-        q = (fit.q.T if transposed else fit.q).to(tensor.dtype).contiguous()
+        q = (fit.backbone.T if transposed else fit.backbone).to(tensor.dtype).contiguous()
         facts = {"key": ref.key, "module": keys[ref.key], "error_q": fit.error_q, "error_loftq": fit.error_loftq,
                  "norm_w": fit.norm_w, "seconds": fit.seconds}  # fmt: skip
         tmp = done.with_suffix(".tmp")

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from qlora_pipe import cli, loftq, model
 from qlora_pipe.config import load_recipe
 from qlora_pipe.model import NF4
+from qlora_pipe.quant import dequantize_fp32
 
 EXACT_NO_DQ = {**NF4, "double_quant": False, "load_dtype": "float32"}
 
@@ -88,6 +89,15 @@ def test_every_matrix_error_falls(loftq_recipe, tmp_path):
     assert all(row["error_loftq"] < row["error_q"] for row in report["matrices"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "loftq" and manifest["settings"]["quantization"]["double_quant"] is True
+    # the reported ‖W − Q‖ is about the Q training loads: the stored backbone, re-quantized by transformers
+    recipe = load_recipe(loftq_recipe)
+    loaded = model.load_base(load_recipe_model(out / loftq.BACKBONE), torch.float32, True, torch.float32)
+    original = load_file(model.weight_files(recipe.model.base)[0])
+    for row in report["matrices"]:
+        param = loaded.get_parameter(row["module"] + ".weight")
+        q = dequantize_fp32(param.data, param.quant_state)
+        error = torch.linalg.matrix_norm(original[row["key"]].float() - q).item()
+        assert error == pytest.approx(row["error_q"], rel=1e-5)
 
 
 def initial_logits(base_dir, adapter_dir, ids, quantized=True):

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
 from qlora_pipe import UserError, model
@@ -109,26 +109,23 @@ def lora_scaling(recipe: Recipe) -> float:
 
 def target_modules(base: Path, recipe: Recipe) -> tuple[dict[str, str], set[str]]:
     """checkpoint key → module name of every weight LoRA targets and bitsandbytes quantizes; the Conv1D modules."""
-    trust = recipe.model.trust_remote_code
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base, trust_remote_code=trust),
-                                                    trust_remote_code=trust)  # fmt: skip
-    output = skeleton.get_output_embeddings()
+    net = model.skeleton(base, recipe.model.trust_remote_code)
+    output = net.get_output_embeddings()
     wanted = recipe.lora.target_modules
     modules = {}
-    for name, module in skeleton.named_modules():
+    for name, module in net.named_modules():
         linear = type(module) is torch.nn.Linear or isinstance(module, Conv1D)
         if not linear or module is output:
             continue
         if wanted == "all-linear" or any(name == t or name.endswith("." + t) for t in wanted):
             modules[name] = module
     conv1d = {n for n, m in modules.items() if isinstance(m, Conv1D)}
-    params = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)}
-    keys = {}
-    for ref in read_index(checkpoint_files(base)):
-        name = ref.key if ref.key in params else f"{skeleton.base_model_prefix}.{ref.key}"
-        if name.endswith(".weight") and name.removesuffix(".weight") in modules:
-            keys[ref.key] = name.removesuffix(".weight")
+    names = model.parameter_names(net, [r.key for r in read_index(checkpoint_files(base))])
+    keys = {
+        key: name.removesuffix(".weight")
+        for key, name in names.items()
+        if name and name.endswith(".weight") and name.removesuffix(".weight") in modules
+    }
     if not keys:
         raise UserError(f"lora.target_modules: no weight of {base} matches {wanted!r}")
     return keys, conv1d

@@ -116,19 +116,10 @@ def make_plan(base: Path, adapter: Adapter, quantized: dict, out_dtype: torch.dt
     files = checkpoint_files(base)
     if not files:
         raise UserError(f"{base}: the streaming merge reads safetensors weights and found none (*.safetensors)")
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    params = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
-    prefix = skeleton.base_model_prefix
+    net = model.skeleton(base, trust_remote_code)
     refs = read_index(files)
-    names = {}
-    for ref in refs:
-        # Checkpoints of the base model alone (e.g. GPT-2's) omit the `transformer.` prefix the LM class adds.
-        names[ref.key] = (
-            ref.key if ref.key in params else f"{prefix}.{ref.key}" if f"{prefix}.{ref.key}" in params else None
-        )
-    conv1d = {name for name, module in skeleton.named_modules() if isinstance(module, Conv1D)}
+    names = model.parameter_names(net, [r.key for r in refs])
+    conv1d = {name for name, module in net.named_modules() if isinstance(module, Conv1D)}
     found = {n.removesuffix(".weight") for n in names.values() if n and n.endswith(".weight")}
     missing = (set(adapter.lora) | set(quantized)) - found
     missing |= set(adapter.replaced) - set(names.values())

@@ -107,6 +107,23 @@ def load_base(
     return model
 
 
+def skeleton(base: str | Path, trust_remote_code: bool) -> torch.nn.Module:
+    """The architecture of `base` on the meta device: module types and parameter names, no weights, no memory."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def parameter_names(net: torch.nn.Module, keys: list[str]) -> dict[str, str | None]:
+    """Checkpoint key → parameter name in `net`, None for keys that are no parameter. Checkpoints of the base model
+    alone (e.g. GPT-2's) omit the prefix (`transformer.`) that the causal-LM class adds."""
+    params = {name for name, _ in net.named_parameters(remove_duplicate=False)}
+    prefix = net.base_model_prefix
+    return {k: k if k in params else f"{prefix}.{k}" if f"{prefix}.{k}" in params else None for k in keys}
+
+
 def describe_quantization(net: torch.nn.Module, load_dtype: torch.dtype) -> dict:
     """What the streaming merge needs to rebuild the trained weights without loading the model: which modules
     transformers quantized (and whether it transposed a GPT-2 style Conv1D weight first), and which unquantized

@@ -66,7 +66,7 @@ def _merge(args: argparse.Namespace) -> None:
                        f"top-1 agreement {n['top1_agreement']:.4f}")  # fmt: skip
         else:
             numbers = f"worst layer relative error {n['max_relative_error']:.3g} over {n['layers']} layers"
-        print(f"{mode:>12} ({mark}) vs NF4 base + adapter: {numbers}")
+        print(f"{mode:>12} ({mark}) vs the trained base + adapter: {numbers}")
     print(f"merged model: {out}")
 
 

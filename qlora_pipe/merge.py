@@ -136,14 +136,16 @@ class LayerCheck:
     errors: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MODES})
     max_abs: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODES, 0.0))
 
-    def add(self, module: str, layer: bnb.nn.Linear4bit, weights: dict[str, torch.Tensor], adapter: Adapter,
-            out_dtype: torch.dtype) -> None:  # fmt: skip
-        """`weights`: the merged (out, in) fp32 weight of each mode. The reference is bitsandbytes' own NF4 layer plus
-        the adapter run as PEFT's LoRA layer runs it: base(x) + s·(x·Aᵀ)·Bᵀ."""
+    def add(self, module: str, base: bnb.nn.Linear4bit | torch.Tensor, weights: dict[str, torch.Tensor],
+            adapter: Adapter, out_dtype: torch.dtype) -> None:  # fmt: skip
+        """`weights`: the merged (out, in) fp32 weight of each mode. The reference is the base layer as trained
+        (bitsandbytes' own NF4 layer, or the (out, in) weight of a full-precision run) plus the adapter run as PEFT's
+        LoRA layer runs it: base(x) + s·(x·Aᵀ)·Bᵀ."""
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(LAYER_PROBE_ROWS, layer.in_features, generator=gen)
+        in_features = base.shape[1] if isinstance(base, torch.Tensor) else base.in_features
+        x = torch.randn(LAYER_PROBE_ROWS, in_features, generator=gen)
         with torch.no_grad():
-            reference = layer(x.to(layer.weight.device)).cpu()
+            reference = x @ base.T if isinstance(base, torch.Tensor) else base(x.to(base.weight.device)).cpu()
         if module in adapter.lora:
             a, b = adapter.lora[module]
             reference = reference + (x @ a.float().T) @ b.float().T * adapter.scaling
@@ -206,10 +208,14 @@ def merged_tensor(tensor: torch.Tensor, name: str | None, plan: Plan, adapter: A
     elif quantized and (mode == "dequantized" or check):
         weight = quantized_weight(tensor, module, fan_in_fan_out, delta, mode, q, device, check, adapter,
                                   plan.out_dtype)  # fmt: skip
-    elif mode == "original":
-        weight = tensor.float()
-    else:  # as loaded for training: in the load dtype (or the dtype the model keeps that parameter in)
-        weight = tensor.to(getattr(torch, q.get("unquantized_dtypes", {}).get(name, q["load_dtype"]))).float()
+    else:
+        # as loaded for training: in the load dtype (or the dtype the model keeps that parameter in)
+        trained = tensor.to(getattr(torch, q.get("unquantized_dtypes", {}).get(name, q["load_dtype"]))).float()
+        weight = tensor.float() if mode == "original" else trained
+        if check and delta is not None and module not in adapter.embedding_modules:
+            flat = (lambda t: t.T) if fan_in_fan_out else (lambda t: t)
+            merged = {"dequantized": flat(trained + delta), "original": flat(tensor.float() + delta)}
+            check.add(module, flat(trained), merged, adapter, plan.out_dtype)
     if delta is not None:
         weight = weight + delta
     return weight.to(plan.out_dtype)

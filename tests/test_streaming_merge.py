@@ -149,3 +149,15 @@ def test_size_parsing():
     assert shards.parse_size("500MiB") == 500 * 2**20
     with pytest.raises(ValueError):
         shards.parse_size("lots")
+
+
+def test_full_precision_lora_run_merges_exactly_and_verifies_by_layer(tiny_model, write_recipe, tmp_path):
+    """quantization: none (plain LoRA on a bf16-loaded base): the same merge, with no NF4 step."""
+    run = trained_run(write_recipe, tiny_model("llama"), tmp_path, model={"quantization": "none",
+                                                                          "compute_dtype": "bfloat16"})  # fmt: skip
+    merge.merge(run, dtype="float32", out=tmp_path / "m", verify="none")
+    assert_bitwise_equal_to_in_memory(run, tmp_path / "m", "dequantized", torch.float32)
+    merge.merge(run, dtype="float32", verify="layers")
+    report = json.loads((run / "merged" / merge.REPORT).read_text())
+    assert report["modes"]["dequantized"]["layers"] == 2 * 7
+    assert report["modes"]["dequantized"]["max_relative_error"] <= 1e-5

@@ -71,9 +71,13 @@ class DataConfig:
     """Optional evaluation file (same formats). When absent, `eval_fraction` of the training data is held out."""
     eval_fraction: float = 0.1
     """Share of the training data held out for evaluation when `eval` is not given; 0 disables evaluation."""
-    format: Literal["auto", "messages", "prompt-completion", "alpaca", "text"] = "auto"
-    """Data format. `messages`: chat turns (role/content); `prompt-completion`: prompt and completion columns;
-    `alpaca`: instruction/input/output; `text`: plain text (loss on every token). `auto`: detect from columns."""
+    format: Literal["auto", "messages", "sharegpt", "prompt-completion", "alpaca", "text"] = "auto"
+    """Data format. `messages`: chat turns (role/content); `sharegpt`: `conversations` of from/value turns;
+    `prompt-completion`: prompt and completion columns; `alpaca`: instruction/input/output; `text`: plain text
+    (loss on every token). `auto`: detect from columns."""
+    columns: dict[str, str] | None = None
+    """Rename the data's columns to the format's, e.g. {prompt: question, completion: answer} reads `question` as the
+    prompt. Keys are the format's column names, values the names in your files."""
     max_seq_length: int = 1024
     """Examples are truncated to this many tokens."""
 
@@ -190,6 +194,9 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        key, value = typing.get_args(tp)
+        return f"a mapping of {_type_name(key)} to {_type_name(value)}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}.get(
         tp, str(tp)
     )
@@ -206,6 +213,13 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
             if ok:
                 return True, converted
         return False, value
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        key_type, value_type = typing.get_args(tp)
+        items = {k: (_coerce(k, key_type), _coerce(v, value_type)) for k, v in value.items()}
+        ok = all(kk[0] and vv[0] for kk, vv in items.values())
+        return ok, {kk[1]: vv[1] for kk, vv in items.values()}
     if origin is list:
         if not isinstance(value, list):
             return False, value

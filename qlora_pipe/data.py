@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMAT_COLUMNS = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt-completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
@@ -80,23 +81,64 @@ def _read_json_rows(path: Path) -> list[dict]:
     return rows
 
 
-def read_rows(source: str) -> tuple[datasets.Dataset, dict]:
-    """Load a local file or a hub data set; return it with a record of where it came from."""
-    if not is_local(source):
-        return datasets.load_dataset(source, split="train"), {"hub": source}
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise UserError(f"data file not found: {source} (data.train / data.eval take a file path or a hub name)")
+def read_file(path: Path) -> datasets.Dataset:
     kind = LOCAL_SUFFIXES.get(path.suffix)
     if kind is None:
         raise UserError(f"{path}: unsupported data file type; use one of {', '.join(LOCAL_SUFFIXES)}")
     if kind == "json":
-        ds = datasets.Dataset.from_list(_read_json_rows(path))
+        return datasets.Dataset.from_list(_read_json_rows(path))
+    return datasets.load_dataset(kind, data_files=str(path), split="train")
+
+
+def read_rows(source: str) -> tuple[datasets.Dataset, dict]:
+    """Load a local file, a directory of them, or a hub data set; return it with a record of where it came from."""
+    if not is_local(source):
+        return datasets.load_dataset(source, split="train"), {"hub": source}
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise UserError(f"{path}: a directory without data files ({', '.join(LOCAL_SUFFIXES)})")
+    elif path.is_file():
+        files = [path]
     else:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        raise UserError(f"data file not found: {source} (data.train / data.eval take a file path or a hub name)")
+    parts = [read_file(f) for f in files]
+    columns = {tuple(sorted(p.column_names)) for p in parts}
+    if len(columns) > 1:
+        raise UserError(f"{path}: its files have different columns ({'; '.join(', '.join(c) for c in columns)})")
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(ds) == 0:
         raise UserError(f"{path}: contains no examples")
-    return ds, {"path": str(path.resolve()), "sha256": file_sha256(path), "rows": len(ds)}
+    hashes = {str(f.resolve()): file_sha256(f) for f in files}
+    return ds, {"path": str(path.resolve()), "sha256": hashes[str(files[0].resolve())] if path.is_file() else hashes,
+                "rows": len(ds)}  # fmt: skip
+
+
+def rename_columns(ds: datasets.Dataset, columns: dict[str, str] | None, source: str) -> datasets.Dataset:
+    """data.columns: {format's name: the file's name}."""
+    for ours, theirs in (columns or {}).items():
+        if theirs not in ds.column_names:
+            raise UserError(f"data.columns: {source} has no column {theirs!r} (to read as {ours!r}); "
+                            f"its columns are {', '.join(ds.column_names)}")  # fmt: skip
+        if ours != theirs:
+            ds = ds.rename_column(theirs, ours)
+    return ds
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "system": "system"}  # fmt: skip
+
+
+def _sharegpt_to_messages(example: dict) -> dict:
+    messages = []
+    for turn in example["conversations"]:
+        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+        if role is None:
+            raise UserError(f"sharegpt turn with unknown `from` {turn.get('from')!r}; expected one of "
+                            f"{', '.join(SHAREGPT_ROLES)}")  # fmt: skip
+        messages.append({"role": role, "content": turn["value"]})
+    return {"messages": messages}
 
 
 def detect_format(columns: list[str], requested: str, source: str) -> str:
@@ -146,6 +188,9 @@ def _alpaca_to_pc(example: dict, chat: bool) -> dict:
 def to_trl(ds: datasets.Dataset, fmt: str, tokenizer) -> tuple[datasets.Dataset, bool]:
     """Convert to a TRL shape; return it and whether TRL should mask the loss to assistant tokens."""
     chat = tokenizer.chat_template is not None
+    if fmt == "sharegpt":
+        ds = ds.map(_sharegpt_to_messages, remove_columns=ds.column_names)
+        fmt = "messages"
     if fmt == "messages":
         if not chat:
             raise UserError(
@@ -169,11 +214,13 @@ def to_trl(ds: datasets.Dataset, fmt: str, tokenizer) -> tuple[datasets.Dataset,
 def load_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read train (and eval) data, convert both to the same TRL shape, hold out an eval split if asked."""
     train, train_src = read_rows(cfg.train)
+    train = rename_columns(train, cfg.columns, cfg.train)
     fmt = detect_format(train.column_names, cfg.format, cfg.train)
     train, assistant_only = to_trl(train, fmt, tokenizer)
     sources = {"train": train_src}
     if cfg.eval:
         evaluation, eval_src = read_rows(cfg.eval)
+        evaluation = rename_columns(evaluation, cfg.columns, cfg.eval)
         evaluation, _ = to_trl(evaluation, detect_format(evaluation.column_names, fmt, cfg.eval), tokenizer)
         sources["eval"] = eval_src
     elif cfg.eval_fraction > 0 and len(train) >= 2:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -23,10 +22,7 @@ def load(path: str | Path) -> tuple[torch.nn.Module, object, str]:
     if (path / MANIFEST).exists() and read_manifest(path).get("stage") == "train":
         manifest, adapter = load_run(path)
         recipe = recipe_from_dict(manifest["recipe"])
-        q = manifest["quantization"]
-        compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
-        base_cfg = dataclasses.replace(recipe.model, base=manifest["base"]["path"])  # the LoftQ backbone if any
-        base = model.load_base(base_cfg, compute_dtype, q["method"] == "nf4", getattr(torch, q["load_dtype"]))
+        base = model.load_run_base(manifest, model.resolve_compute_dtype(recipe.model.compute_dtype))
         return PeftModel.from_pretrained(base, adapter), model.load_tokenizer(str(adapter)), f"{path} (base + adapter)"
     if (path / "config.json").exists():
         net = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=model.device_map())

@@ -140,21 +140,12 @@ def settings(recipe: Recipe, quantization: dict) -> dict:
 def run_loftq(recipe: Recipe, device: str = "auto") -> Path:
     """Write OUTPUT_DIR/loftq: backbone/ (Q in place of each targeted weight), adapter_init/ (a PEFT adapter with
     A, B), loftq_report.json and manifest.json. Resumes from the matrices a previous run finished."""
-    base = Path(model.check_base(recipe.model.base))
-    if not base.is_dir():
-        from huggingface_hub import snapshot_download
-
-        base = Path(snapshot_download(str(base), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    base = model.local_checkpoint(model.check_base(recipe.model.base))
     files = checkpoint_files(base)
     if not files:
         raise UserError(f"model.base: {base} has no safetensors weights; LoftQ reads *.safetensors")
-    compute = model.resolve_compute_dtype(recipe.model.compute_dtype)
-    quantization = {**model.NF4, "load_dtype": str(compute).removeprefix("torch.")}
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    quantization = model.nf4_settings(model.resolve_compute_dtype(recipe.model.compute_dtype))
+    dev = model.compute_device(device)
     out = Path(recipe.output_dir) / LOFTQ
     partial = Path(recipe.output_dir) / f".{LOFTQ}.partial"
     wanted = settings(recipe, quantization)
@@ -254,8 +245,7 @@ def summarize(rows: list[dict]) -> dict:
 def loftq_outputs(recipe: Recipe) -> tuple[Path, Path]:
     """backbone/ and adapter_init/ for training, running the stage first when its output is missing or stale."""
     out = Path(recipe.output_dir) / LOFTQ
-    compute = model.resolve_compute_dtype(recipe.model.compute_dtype)
-    wanted = settings(recipe, {**model.NF4, "load_dtype": str(compute).removeprefix("torch.")})
+    wanted = settings(recipe, model.nf4_settings(model.resolve_compute_dtype(recipe.model.compute_dtype)))
     fresh = (out / "manifest.json").exists() and read_manifest(out, "loftq")["settings"] == json.loads(
         json.dumps(wanted)
     )

@@ -14,7 +14,6 @@ layer by layer on the same inputs.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -260,10 +259,7 @@ def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> dic
 
 def load_trained(manifest: dict) -> torch.nn.Module:
     """NF4 base exactly as training loaded it (same load dtype: it sets the block scales), computing in exact fp32."""
-    recipe = recipe_from_dict(manifest["recipe"])
-    q = manifest["quantization"]
-    base = dataclasses.replace(recipe.model, base=manifest["base"]["path"])  # the LoftQ backbone for LoftQ runs
-    trained = model.load_base(base, torch.float32, q["method"] == "nf4", getattr(torch, q["load_dtype"]))
+    trained = model.load_run_base(manifest, torch.float32)
     model.set_cpu_bf16_fastpath(trained, False)
     return trained
 
@@ -339,14 +335,13 @@ def resolve_out_dtype(name: str, base: str, trust_remote_code: bool) -> torch.dt
 
 def resolve_device(name: str, trained_on: str) -> torch.device:
     """Quantize where training did by default: bitsandbytes' CPU and CUDA quantizers may round differently."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if name == "auto":
-        name = "cuda" if trained_on == "cuda" and torch.cuda.is_available() else "cpu"
-        if name != trained_on:
-            logger.warning("the base was quantized on %s during training and is re-quantized on %s now; the two "
-                           "quantizers may round a few weights differently", trained_on, name)  # fmt: skip
-    return torch.device(name)
+    if name != "auto":
+        return model.compute_device(name)
+    device = model.compute_device("auto" if trained_on == "cuda" else "cpu")
+    if device.type != trained_on:
+        logger.warning("the base was quantized on %s during training and is re-quantized on %s now; the two "
+                       "quantizers may round a few weights differently", trained_on, device.type)  # fmt: skip
+    return device
 
 
 def check_base_unchanged(manifest: dict, force: bool) -> Path:
@@ -355,9 +350,7 @@ def check_base_unchanged(manifest: dict, force: bool) -> Path:
     if not Path(base).is_dir():
         if recorded:
             raise UserError(f"the base this run was trained on is gone: {base}")
-        from huggingface_hub import snapshot_download  # a hub base: training left its files in the local cache
-
-        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors"]))
+        return model.local_checkpoint(base)
     if recorded and fingerprint_weights(model.weight_files(base)) != recorded and not force:
         raise UserError(
             f"the weights in {base} differ from those this adapter was trained on (fingerprint mismatch); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -142,6 +143,39 @@ def describe_quantization(net: torch.nn.Module, load_dtype: torch.dtype) -> dict
         if not isinstance(param, bnb.nn.Params4bit) and param.is_floating_point() and param.dtype != load_dtype
     }
     return {"quantized_modules": quantized, "unquantized_dtypes": other_dtypes}
+
+
+def local_checkpoint(base: str) -> Path:
+    """A local directory of `base`: itself, or for a hub id the copy training left in the local cache."""
+    if Path(base).is_dir():
+        return Path(base)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(base, allow_patterns=["*.json", "*.jinja", "*.safetensors", "*.model", "*.txt"]))
+
+
+def compute_device(name: str) -> torch.device:
+    """`auto`: CUDA when present. Asking for CUDA where there is none is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def nf4_settings(load_dtype: torch.dtype) -> dict:
+    """The NF4 settings and load dtype, as manifests record them."""
+    return {**NF4, "load_dtype": str(load_dtype).removeprefix("torch.")}
+
+
+def load_run_base(manifest: dict, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """A run's base as training loaded it: the manifest's base (the LoftQ backbone for LoftQ runs), NF4 or not, in
+    the recorded load dtype (it sets the NF4 block scales), computing in `compute_dtype`."""
+    from qlora_pipe.config import recipe_from_dict
+
+    q = manifest["quantization"]
+    cfg = dataclasses.replace(recipe_from_dict(manifest["recipe"]).model, base=manifest["base"]["path"])
+    return load_base(cfg, compute_dtype, q["method"] == "nf4", getattr(torch, q["load_dtype"]))
 
 
 def set_cpu_bf16_fastpath(model: torch.nn.Module, enabled: bool) -> None:

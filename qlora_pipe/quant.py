@@ -44,8 +44,17 @@ def nf4_lookup(bounds: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     return below, midpoint
 
 
-def nf4_lookup_codes(scaled: torch.Tensor, below: torch.Tensor, midpoint: torch.Tensor) -> torch.Tensor:
-    """int32 NF4 codes of flat fp32 values in [-1, 1]: torch.bucketize over the midpoints, by table lookup."""
+def nf4_midpoints(device: torch.device) -> torch.Tensor:
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    return _get_4bit_quantize_bounds("nf4", device)[0]
+
+
+def nf4_block_codes(block: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Flat int32 NF4 codes of fp32 blocks (rows) with block maxima `scale`: bitsandbytes' scaling, step for step,
+    then torch.bucketize over the midpoints by table lookup."""
+    scaled = torch.clamp(block * (1.0 / scale.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    below, midpoint = nf4_lookup(tuple(nf4_midpoints(block.device).tolist()))
     group = (scaled.view(torch.int32) >> 16) & 0xFFFF
     return torch.index_select(below, 0, group) + (scaled > torch.index_select(midpoint, 0, group))
 
@@ -55,10 +64,6 @@ def nf4_codes_cpu(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, t
     it runs in cache-sized chunks of whole blocks and looks the codes up instead of a binary search. Why our own: the
     library's op streams every 7B weight through memory several times and spends most of a merge in bucketize.
     Bit-for-bit equality with the library is a test."""
-    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
-
-    mids = _get_4bit_quantize_bounds("nf4", weight.device)[0]
-    below, midpoint = nf4_lookup(tuple(mids.tolist()))
     flat = weight.reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
@@ -70,8 +75,7 @@ def nf4_codes_cpu(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, t
         block = flat[start:stop].float().reshape(-1, blocksize)
         scale = block.abs().max(dim=-1)[0]
         absmax[start // blocksize : stop // blocksize] = scale
-        scaled = torch.clamp(block * (1.0 / scale.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-        q = nf4_lookup_codes(scaled, below, midpoint)
+        q = nf4_block_codes(block, scale)
         packed[start // 2 : stop // 2] = ((q[::2] << 4) | q[1::2]).to(torch.uint8)
     if full < n:  # a last, partial block: the library divides instead of multiplying by the reciprocal
         tail = flat[full:].float()
@@ -79,7 +83,7 @@ def nf4_codes_cpu(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, t
         absmax[-1] = scale
         scaled = torch.clamp(tail / scale, -1, 1)
         scaled = torch.nn.functional.pad(scaled, (0, scaled.numel() % 2))
-        q = torch.bucketize(scaled, mids, out_int32=True).to(torch.uint8)
+        q = torch.bucketize(scaled, nf4_midpoints(weight.device), out_int32=True).to(torch.uint8)
         packed[full // 2 :] = (q[::2] << 4) | q[1::2]
     return packed.unsqueeze(1), absmax
 
@@ -108,25 +112,20 @@ def merge_nf4_rows(weight: torch.Tensor, quantization: dict, delta: torch.Tensor
     The same arithmetic as quantizing (nf4_codes_cpu), dequantizing (code × block scale in fp32, bitsandbytes'
     dequantize_4bit), adding PEFT's delta and casting, but never materialising the fp32 weight: a 7B merge spends
     its time here. Equality with the unfused path is a test."""
-    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
-
     blocksize = quantization["blocksize"]
     weight = weight.to(getattr(torch, quantization["load_dtype"]))
     rows = max(1, CHUNK // weight.shape[1])
     # |x| and max are exact in any float dtype and widening is monotone: the block maxima can be taken before the cast
     absmax = torch.cat([w.reshape(-1, blocksize).abs().amax(dim=-1).float() for w in weight.split(rows)])
     scales = double_quant_scales(absmax)[3] if quantization["double_quant"] else absmax
-    mids = _get_4bit_quantize_bounds("nf4", weight.device)[0]
-    below, midpoint = nf4_lookup(tuple(mids.tolist()))
     code = get_4bit_type("nf4", device=weight.device)
     out = torch.empty(weight.shape, dtype=out_dtype)
     width = weight.shape[1]
     per_chunk = rows * weight.shape[1] // blocksize
     for i, start in enumerate(range(0, weight.shape[0], rows)):
         block = weight[start : start + rows].float().reshape(-1, blocksize)
-        scale = absmax[i * per_chunk : i * per_chunk + block.shape[0]]
-        scaled = torch.clamp(block * (1.0 / scale.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-        values = torch.index_select(code, 0, nf4_lookup_codes(scaled, below, midpoint)).view(-1, blocksize)
+        codes = nf4_block_codes(block, absmax[i * per_chunk : i * per_chunk + block.shape[0]])
+        values = torch.index_select(code, 0, codes).view(-1, blocksize)
         merged = (values * scales[i * per_chunk : i * per_chunk + block.shape[0]].view(-1, 1)).reshape(-1, width)
         if delta is not None:
             merged += delta[start : start + rows]

@@ -53,6 +53,31 @@ def _train(args: argparse.Namespace) -> None:
     print(f"next: qlora-pipe merge {out}")
 
 
+def _check_data(args: argparse.Namespace) -> None:
+    from qlora_pipe import model
+    from qlora_pipe.data import TRAINED_CLOSE, TRAINED_OPEN
+    from qlora_pipe.train import prepare_data, refusal
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    tokenizer, prepared, checked = prepare_data(recipe, model.check_base(recipe.model.base))
+    mask = "assistant turns" if prepared.assistant_only_loss else "completions" if prepared.format != "text" else "all"
+    print(f"format {prepared.format}; loss on {mask}; chat template {recipe.data.chat_template}; "
+          f"eos {tokenizer.eos_token!r}; pad {tokenizer.pad_token!r}")  # fmt: skip
+    for name, r in checked.report.items():
+        t = r["tokens"]
+        print(f"{name}: {r['examples']} examples; tokens p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, "
+              f"max {t['max']}; {r['longer_than_max_seq_length']} longer than max_seq_length "
+              f"{recipe.data.max_seq_length} ({r['trained_tokens_cut']} lose trained tokens); "
+              f"{r['empty_loss_mask']} with an empty loss mask; "
+              f"{r['eos_not_trained']} with eos not trained")  # fmt: skip
+    example = checked.report["train"]["example"]
+    if example is not None:
+        print(f"\nfirst training example (trained tokens between {TRAINED_OPEN} and {TRAINED_CLOSE}):\n{example}")
+    if checked.fatal:
+        raise UserError(refusal(checked))
+    print("\ndata check passed")
+
+
 def _merge(args: argparse.Namespace) -> None:
     from qlora_pipe.merge import REPORT, merge
 
@@ -114,6 +139,18 @@ def parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     train.set_defaults(func=_train)
+
+    check = sub.add_parser(
+        "check-data",
+        help="check a recipe's data before training",
+        description="Tokenize the recipe's data exactly as training will and report example counts, token-length "
+        "percentiles, examples cut by max_seq_length, empty loss masks and whether eos is trained at the end of "
+        "every assistant turn, with one example whose trained tokens are marked. Exits 2 on the problems that "
+        "`train` refuses.",
+    )
+    check.add_argument("recipe", help="recipe YAML file")
+    check.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override recipe fields")
+    check.set_defaults(func=_check_data)
 
     loftq = sub.add_parser(
         "loftq",

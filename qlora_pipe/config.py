@@ -78,8 +78,15 @@ class DataConfig:
     columns: dict[str, str] | None = None
     """Rename the data's columns to the format's, e.g. {prompt: question, completion: answer} reads `question` as the
     prompt. Keys are the format's column names, values the names in your files."""
+    chat_template: Literal["auto", "chatml", "llama-2", "llama-3", "mistral"] = "auto"
+    """Chat template for chat data. `auto`: the tokenizer's own. A built-in one (for bases that ship none) marks
+    assistant turns for assistant-only loss and makes its end-of-turn token the eos (`<|im_end|>` for chatml,
+    `<|eot_id|>` for llama-3); its special tokens must already be in the tokenizer's vocabulary."""
     max_seq_length: int = 1024
     """Examples are truncated to this many tokens."""
+    max_truncated: float = 0.05
+    """Largest share of examples whose trained tokens may be cut by max_seq_length; above it training refuses to
+    start (see `qlora-pipe check-data`). 1 allows any."""
 
 
 @dataclass
@@ -167,6 +174,7 @@ def _check_values(recipe: Recipe) -> list[str]:
         (not d.train, "data.train", "is required: set it to a data file or a hub data set name"),
         (not 0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}"),
         (d.max_seq_length <= 0, "data.max_seq_length", f"must be a positive integer, got {d.max_seq_length}"),
+        (not 0 <= d.max_truncated <= 1, "data.max_truncated", f"must be in [0, 1], got {d.max_truncated}"),
         (t.epochs <= 0 and t.max_steps <= 0, "train.epochs", "must be positive (or set train.max_steps > 0)"),
         (t.max_steps == 0 or t.max_steps < -1, "train.max_steps", f"must be -1 or positive, got {t.max_steps}"),
         (t.learning_rate <= 0, "train.learning_rate", f"must be positive, got {t.learning_rate}"),

@@ -16,6 +16,7 @@ import datasets
 
 from qlora_pipe import UserError
 from qlora_pipe.config import DataConfig
+from qlora_pipe.templates import CHAT_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class PreparedData:
     format: str
     assistant_only_loss: bool
     sources: dict
+
+    def splits(self) -> dict[str, datasets.Dataset]:
+        return {"train": self.train} | ({"eval": self.eval} if self.eval is not None else {})
 
 
 def is_local(source: str) -> bool:
@@ -157,9 +161,57 @@ def detect_format(columns: list[str], requested: str, source: str) -> str:
     raise UserError(f"{source}: cannot tell the data format from columns {', '.join(columns)}; expected {expected}")
 
 
+# Pad tokens that exist, unused, in common families' vocabularies (Llama-3's reserved pad, Qwen's endoftext, ...).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>")
+
+
+def _single_token(tokenizer, token: str) -> bool:
+    return token in tokenizer.get_vocab()
+
+
+def prepare_tokenizer(tokenizer, cfg: DataConfig) -> None:
+    """Install the recipe's chat template and choose eos and pad for training, in place.
+
+    A built-in template's end-of-turn token becomes the eos, so TRL appends and trains it and generation stops on it.
+    The pad token must differ from eos where the family has a spare token: TRL masks padding out of the labels, but a
+    pad == eos tokenizer makes every later tool that masks by token id (or a collator without labels) untrain eos.
+    """
+    if cfg.chat_template != "auto":
+        spec = CHAT_TEMPLATES[cfg.chat_template]
+        needed = (*spec.required, spec.end_of_turn or tokenizer.eos_token)
+        missing = [t for t in needed if not _single_token(tokenizer, t)]
+        if missing:
+            raise UserError(
+                f"data.chat_template: {cfg.chat_template} needs the token(s) {', '.join(missing)}, which this "
+                f"tokenizer does not have as single tokens; choose the template of this model's family, or `auto`"
+            )
+        tokenizer.chat_template = spec.template
+        if spec.end_of_turn:
+            tokenizer.eos_token = spec.end_of_turn
+    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
+        return
+    spare = [tokenizer.unk_token, *PAD_CANDIDATES] if tokenizer.unk_token else list(PAD_CANDIDATES)
+    pad = next((t for t in spare if t and t != tokenizer.eos_token and _single_token(tokenizer, t)), None)
+    if pad is None:
+        # GPT-2 style vocabularies have a single special token. TRL pads labels with -100, so eos is still trained;
+        # check-data verifies that it is.
+        logger.info("no spare pad token in the vocabulary: padding with eos %r (padding is masked by label)",
+                    tokenizer.eos_token)  # fmt: skip
+        pad = tokenizer.eos_token
+    tokenizer.pad_token = pad
+
+
 def has_generation_markers(tokenizer) -> bool:
     """TRL's assistant-only loss needs a chat template that marks assistant text with {% generation %}."""
     return "{% generation %}" in (tokenizer.chat_template or "").replace("{%-", "{%").replace("-%}", "%}")
+
+
+def trl_can_mask_assistant(tokenizer) -> bool:
+    """True when the template has generation markers, or TRL knows a training version of it (Llama-3, Qwen2.5, ...)
+    that it swaps in for assistant-only loss."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    return has_generation_markers(tokenizer) or get_training_chat_template(tokenizer) is not None
 
 
 def _split_last_assistant(example: dict) -> dict:
@@ -199,14 +251,20 @@ def to_trl(ds: datasets.Dataset, fmt: str, tokenizer) -> tuple[datasets.Dataset,
             )
         keep = ["messages"]
         ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
-        if has_generation_markers(tokenizer):
+        if trl_can_mask_assistant(tokenizer):
             return ds, True
         # Without {% generation %} markers TRL cannot find assistant tokens in a whole conversation, but it can
         # mask a conversational prompt/completion pair: train on the last assistant turn only.
-        logger.warning("chat template has no {%% generation %%} markers: training on the last assistant turn only")
+        logger.warning(
+            "chat template has no {%% generation %%} markers: training on the last assistant turn only; "
+            "set data.chat_template to a built-in template to train every assistant turn"
+        )
         return ds.map(_split_last_assistant, remove_columns=keep), False
     if fmt == "alpaca":
-        return ds.map(_alpaca_to_pc, fn_kwargs={"chat": chat}, remove_columns=ds.column_names), False
+        # As a chat turn, the completion also holds the template's text after the answer (a newline); the assistant
+        # mask, where the template has one, trims the loss to the answer and its end-of-turn token.
+        pc = ds.map(_alpaca_to_pc, fn_kwargs={"chat": chat}, remove_columns=ds.column_names)
+        return pc, chat and trl_can_mask_assistant(tokenizer)
     keep = list(FORMAT_COLUMNS[fmt])
     return ds.remove_columns([c for c in ds.column_names if c not in keep]), False
 
@@ -241,3 +299,161 @@ def render(example: dict, tokenizer) -> str:
     if isinstance(example["prompt"], list):
         return tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
     return example["prompt"] + example["completion"]
+
+
+# ---- tokenization and the data check ----------------------------------------------------------------------------
+
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+
+
+def has_assistant_turn(example: dict) -> bool:
+    return "messages" not in example or any(m["role"] == "assistant" for m in example["messages"])
+
+
+def tokenize(ds: datasets.Dataset, tokenizer, assistant_only_loss: bool, name: str) -> datasets.Dataset:
+    """`input_ids` and `labels` (-100 where no loss), built by TRL's own preparation code, not truncated.
+
+    We call SFTTrainer's dataset preparation directly (it needs only the tokenizer, the chat template TRL would swap
+    in and the loss mode, not a model) so that check-data sees exactly the tokens and mask training uses, and so that
+    training is handed this same tokenized data instead of tokenizing twice.
+    """
+    import tempfile
+    import warnings
+    from types import SimpleNamespace
+
+    from trl import SFTConfig, SFTTrainer
+    from trl.chat_template_utils import get_training_chat_template
+
+    swap = assistant_only_loss and not has_generation_markers(tokenizer)
+    state = SimpleNamespace(
+        _tokenizer=tokenizer,
+        chat_template=get_training_chat_template(tokenizer) if swap else None,
+        completion_only_loss=True,  # applies only where a completion_mask exists (prompt-completion data)
+    )
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # SFTConfig's own defaults use renamed transformers fields
+        args = SFTConfig(output_dir=tmp, max_length=None, assistant_only_loss=assistant_only_loss,
+                         shuffle_dataset=False, report_to="none", use_cpu=True)  # fmt: skip
+        return SFTTrainer._prepare_dataset(state, ds, tokenizer, args, False, None, name)
+
+
+def _eos_closes_runs(labels: list[int], eos_id: int, is_whitespace) -> bool:
+    """Every run of trained tokens ends with eos, or with eos followed only by whitespace tokens (templates that
+    put a newline after the end-of-turn token inside the completion)."""
+    run_end = [i for i, t in enumerate(labels) if t != -100 and (i + 1 == len(labels) or labels[i + 1] == -100)]
+    for end in run_end:
+        i = end
+        while i >= 0 and labels[i] != -100 and labels[i] != eos_id and is_whitespace(labels[i]):
+            i -= 1
+        if i < 0 or labels[i] != eos_id:
+            return False
+    return True
+
+
+def _whitespace_test(tokenizer):
+    special, cache = set(tokenizer.all_special_ids), {}
+
+    def is_whitespace(token_id: int) -> bool:
+        if token_id not in cache:
+            cache[token_id] = token_id not in special and not tokenizer.decode([token_id]).strip()
+        return cache[token_id]
+
+    return is_whitespace
+
+
+def marked_text(ids: list[int], labels: list[int], tokenizer) -> str:
+    """Decode one example with its trained tokens between ⟦ and ⟧."""
+    parts, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (labels[i] != -100) != (labels[start] != -100):
+            text = tokenizer.decode(ids[start:i])
+            parts.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if labels[start] != -100 else text)
+            start = i
+    return "".join(parts)
+
+
+def check_split(raw: datasets.Dataset, tokenized: datasets.Dataset, skipped: list[int], tokenizer,
+                max_len: int) -> dict:  # fmt: skip
+    """Counts, length percentiles and the problems of one split (`skipped`: rows with no assistant turn)."""
+    import numpy as np
+
+    eos_id, is_whitespace = tokenizer.eos_token_id, _whitespace_test(tokenizer)
+    kept = [i for i in range(len(raw)) if i not in set(skipped)]
+    all_labels = tokenized["labels"] if "labels" in tokenized.column_names else []
+    lengths = np.array([len(labels) for labels in all_labels] or [0])
+    empty, eos_missing, cut, over = list(skipped), [], [], 0
+    for row, labels in zip(kept, all_labels, strict=True):
+        if all(t == -100 for t in labels):
+            empty.append(row)
+            continue
+        if not _eos_closes_runs(labels, eos_id, is_whitespace):
+            eos_missing.append(row)
+        if len(labels) > max_len:
+            over += 1
+            if any(t != -100 for t in labels[max_len:]):
+                cut.append(row)
+    sample = next((i for i, labels in enumerate(all_labels) if any(t != -100 for t in labels)), None)
+    return {
+        "examples": len(raw),
+        "tokens": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
+        "longer_than_max_seq_length": over,
+        "trained_tokens_cut": len(cut),
+        "empty_loss_mask": len(empty),
+        "eos_not_trained": len(eos_missing),
+        "first_rows": {
+            "empty_loss_mask": sorted(empty)[:5],
+            "eos_not_trained": eos_missing[:5],
+            "trained_tokens_cut": cut[:5],
+        },  # fmt: skip
+        "example": marked_text(tokenized[sample]["input_ids"], tokenized[sample]["labels"], tokenizer)
+        if sample is not None
+        else None,
+    }
+
+
+def fatal_problems(name: str, report: dict, cfg: DataConfig, tokenizer) -> list[str]:
+    """The problems that make training pointless or harmful, each with the fix."""
+    n, rows = report["examples"], report["first_rows"]
+    problems = []
+    if report["empty_loss_mask"]:
+        problems.append(
+            f"{name}: {report['empty_loss_mask']} of {n} examples have no trained token (rows "
+            f"{rows['empty_loss_mask']}): a chat without an assistant turn, or a template whose assistant part is "
+            f"not marked; fix or drop those rows"
+        )
+    if report["eos_not_trained"]:
+        problems.append(
+            f"{name}: in {report['eos_not_trained']} of {n} examples (rows {rows['eos_not_trained']}) a trained "
+            f"span does not end with the eos token {tokenizer.eos_token!r}, so the model would not learn to stop; "
+            f"the chat template ends turns with another token: set data.chat_template to the built-in template of "
+            f"this model's family (chatml, llama-2, llama-3, mistral)"
+        )
+    share = report["trained_tokens_cut"] / max(n, 1)
+    if share > cfg.max_truncated:
+        problems.append(
+            f"{name}: {report['trained_tokens_cut']} of {n} examples ({share:.0%}) lose trained tokens to "
+            f"data.max_seq_length={cfg.max_seq_length} (p99 length {report['tokens']['p99']}, max "
+            f"{report['tokens']['max']}); raise data.max_seq_length or data.max_truncated"
+        )
+    return problems
+
+
+@dataclass
+class CheckedData:
+    """Tokenized splits ready for the trainer, the check report, and the fatal problems found."""
+
+    tokenized: dict[str, datasets.Dataset]
+    report: dict
+    fatal: list[str]
+
+
+def check(prepared: PreparedData, tokenizer, cfg: DataConfig) -> CheckedData:
+    """Tokenize every split as TRL does and check it: what `qlora-pipe check-data` prints and `train` enforces."""
+    tokenized, report, fatal = {}, {}, []
+    for name, ds in prepared.splits().items():
+        skipped = [i for i, ex in enumerate(ds) if not has_assistant_turn(ex)]
+        usable = ds.select([i for i in range(len(ds)) if i not in set(skipped)]) if skipped else ds
+        tokenized[name] = tokenize(usable, tokenizer, prepared.assistant_only_loss, name) if len(usable) else usable
+        report[name] = check_split(ds, tokenized[name], skipped, tokenizer, cfg.max_seq_length)
+        fatal += fatal_problems(name, report[name], cfg, tokenizer)
+    return CheckedData(tokenized, report, fatal)

@@ -81,11 +81,7 @@ def device_map() -> dict:
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        # Labels are built before padding and padded with -100 by TRL, so a pad == eos does not untrain eos.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def load_base(

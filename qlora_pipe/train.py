@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
+DATA_CHECK = "data_check.json"
 
 
 class LossLog(TrainerCallback):
@@ -66,9 +67,8 @@ def lora_config(recipe: Recipe) -> peft.LoraConfig:
     )
 
 
-def sft_config(recipe: Recipe, out: Path, compute_dtype: torch.dtype, prepared: data.PreparedData) -> SFTConfig:
+def sft_config(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eval: bool) -> SFTConfig:
     t = recipe.train
-    has_eval = prepared.eval is not None
     return SFTConfig(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=t.epochs,
@@ -86,7 +86,8 @@ def sft_config(recipe: Recipe, out: Path, compute_dtype: torch.dtype, prepared: 
         activation_checkpointing_kwargs={"use_reentrant": False},
         packing=t.packing,
         max_length=recipe.data.max_seq_length,
-        assistant_only_loss=prepared.assistant_only_loss,
+        # The data arrives tokenized with its labels already masked (data.check), so TRL only truncates and packs.
+        assistant_only_loss=False,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -109,8 +110,9 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     out = Path(recipe.output_dir)
     check_output_dir(out)
     base = model.check_base(recipe.model.base)
-    tokenizer = model.load_tokenizer(base, recipe.model.trust_remote_code)
-    prepared = data.load_data(recipe.data, tokenizer, recipe.train.seed)
+    tokenizer, prepared, checked = prepare_data(recipe, base)
+    if checked.fatal:
+        raise UserError(refusal(checked))
     compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
     quantized = recipe.model.quantization == "nf4"
     model_cfg, adapter_init = recipe.model, None
@@ -132,15 +134,13 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     out.mkdir(parents=True, exist_ok=True)
     trainer = SFTTrainer(
         model=peft_model,
-        args=sft_config(recipe, out, compute_dtype, prepared),
-        train_dataset=prepared.train,
-        eval_dataset=prepared.eval,
+        args=sft_config(recipe, out, compute_dtype, "eval" in checked.tokenized),
+        train_dataset=checked.tokenized["train"],
+        eval_dataset=checked.tokenized.get("eval"),
         processing_class=tokenizer,
         callbacks=[LossLog(out / TRAIN_LOG)],
     )
-    # TRL drops examples left without a trained token; stop here if nothing remains (stops at the first good one).
-    if not any(any(label != -100 for label in ex["labels"]) for ex in trainer.train_dataset):
-        raise UserError(f"{recipe.data.train}: every example has an empty loss mask; nothing would be trained")
+    (out / DATA_CHECK).write_text(json.dumps(checked.report, indent=2, ensure_ascii=False) + "\n")
     facts = {
         "base": {
             "path": base,
@@ -158,6 +158,20 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         "data": {"format": prepared.format, "assistant_only_loss": prepared.assistant_only_loss, **prepared.sources},
     }
     return trainer, facts
+
+
+def prepare_data(recipe: Recipe, base: str) -> tuple[object, data.PreparedData, data.CheckedData]:
+    """Tokenizer (with the recipe's chat template, eos and pad), data, and the data check: what `check-data` reports
+    and `train` enforces, before any model is loaded."""
+    tokenizer = model.load_tokenizer(base, recipe.model.trust_remote_code)
+    data.prepare_tokenizer(tokenizer, recipe.data)
+    prepared = data.load_data(recipe.data, tokenizer, recipe.train.seed)
+    return tokenizer, prepared, data.check(prepared, tokenizer, recipe.data)
+
+
+def refusal(checked: data.CheckedData) -> str:
+    problems = "\n  ".join(checked.fatal)
+    return f"the data check failed (`qlora-pipe check-data RECIPE` prints the full report):\n  {problems}"
 
 
 def _loss_summary(log_history: list[dict]) -> dict:

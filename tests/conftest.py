@@ -13,7 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from make_tiny_model import build  # noqa: E402
+from make_tiny_model import build, build_like  # noqa: E402
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 DEMO_DATA = ROOT / "data" / "tiny"
@@ -28,6 +28,19 @@ def tiny_model(tmp_path_factory):
         if arch not in cache:
             cache[arch] = build(tmp_path_factory.mktemp(arch), arch, seed=0, num_layers=2, vocab_size=512)
         return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_like(tmp_path_factory):
+    """tiny_like("recipes/llama-2-7b") -> tiny random model with that base's architecture and tokenizer facts."""
+    cache: dict[str, Path] = {}
+
+    def get(facts_dir: str) -> Path:
+        if facts_dir not in cache:
+            cache[facts_dir] = build_like(tmp_path_factory.mktemp(Path(facts_dir).name), ROOT / facts_dir)
+        return cache[facts_dir]
 
     return get
 

@@ -246,8 +246,9 @@ def to_trl(ds: datasets.Dataset, fmt: str, tokenizer) -> tuple[datasets.Dataset,
     if fmt == "messages":
         if not chat:
             raise UserError(
-                "the data is in `messages` format but the base tokenizer has no chat template; "
-                "use data.format text or prompt-completion, or a base that ships a chat template"
+                "the data is in `messages` format but the base tokenizer has no chat template; set "
+                "data.chat_template to the built-in template of this model's family (chatml, llama-2, llama-3, "
+                "mistral), or use data.format text or prompt-completion"
             )
         keep = ["messages"]
         ds = ds.remove_columns([c for c in ds.column_names if c not in keep])

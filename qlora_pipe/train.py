@@ -53,6 +53,38 @@ def check_output_dir(out: Path) -> None:
         )
 
 
+def check_packing(net: torch.nn.Module, vocab_size: int) -> None:
+    """Refuse packing where the model would attend or position across packed examples.
+
+    TRL's padding-free packing hands the model one row with position_ids restarting at each example; transformers
+    turns that into a block-diagonal mask only for models that build their mask from position_ids (and only without
+    a KV cache). ALiBi models such as BLOOM, and any model that ignores position_ids, silently leak. So we measure it
+    on the loaded model: the logits of example b must not change when the example packed before it changes, and must
+    match b run alone.
+    """
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    ids = torch.randint(vocab_size, (3, 12), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def logits(*examples: list[int]) -> torch.Tensor:
+        batch = collate([{"input_ids": sum(examples, []), "seq_lengths": [len(e) for e in examples]}])
+        batch = {k: v.to(net.device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
+        return net(**batch, use_cache=False).logits[0, -len(examples[-1]) :].float()
+
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        after_a, after_c, alone = logits(ids[0], ids[1]), logits(ids[2], ids[1]), logits(ids[1])
+    net.train(was_training)
+    scale = alone.abs().max().item()
+    if (after_a - after_c).abs().max().item() > 1e-3 * scale or (after_a - alone).abs().max().item() > 0.05 * scale:
+        raise UserError(
+            f"train.packing: this model ({net.config.model_type}) attends across packed examples (it does not take "
+            f"example boundaries from position_ids); set train.packing: false"
+        )
+
+
 def lora_config(recipe: Recipe) -> peft.LoraConfig:
     lo = recipe.lora
     return peft.LoraConfig(
@@ -122,6 +154,8 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
 
     torch.manual_seed(recipe.train.seed)  # LoRA A is drawn at get_peft_model time
     base_model = model.load_base(model_cfg, compute_dtype, quantized)
+    # A KV cache is useless in training, and with one transformers cannot see packed example boundaries.
+    base_model.config.use_cache = False
     layout = model.describe_quantization(base_model, compute_dtype)
     if quantized:
         model.set_cpu_bf16_fastpath(base_model, False)
@@ -131,6 +165,8 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         peft_model = peft.PeftModel.from_pretrained(base_model, adapter_init, is_trainable=True)
     else:
         peft_model = peft.get_peft_model(base_model, lora_config(recipe))
+    if recipe.train.packing:
+        check_packing(peft_model, len(tokenizer))
     out.mkdir(parents=True, exist_ok=True)
     trainer = SFTTrainer(
         model=peft_model,

@@ -50,6 +50,8 @@ def _train(args: argparse.Namespace) -> None:
         print(f"train loss {metrics['train_loss_first']:.4f} → {metrics['train_loss_last']:.4f}")
     if "eval_loss_before" in metrics:
         print(f"eval loss {metrics['eval_loss_before']:.4f} → {metrics['eval_loss_after']:.4f}")
+    if "eval_accuracy_before" in metrics:
+        print(f"eval accuracy {metrics['eval_accuracy_before']:.4f} → {metrics['eval_accuracy_after']:.4f}")
     print(f"next: qlora-pipe merge {out}")
 
 

@@ -71,10 +71,10 @@ class DataConfig:
     """Optional evaluation file (same formats). When absent, `eval_fraction` of the training data is held out."""
     eval_fraction: float = 0.1
     """Share of the training data held out for evaluation when `eval` is not given; 0 disables evaluation."""
-    format: Literal["auto", "messages", "sharegpt", "prompt-completion", "alpaca", "text"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "prompt-completion", "alpaca", "text", "classification"] = "auto"
     """Data format. `messages`: chat turns (role/content); `sharegpt`: `conversations` of from/value turns;
     `prompt-completion`: prompt and completion columns; `alpaca`: instruction/input/output; `text`: plain text
-    (loss on every token). `auto`: detect from columns."""
+    (loss on every token); `classification`: text and label columns (task: seq_cls). `auto`: detect from columns."""
     columns: dict[str, str] | None = None
     """Rename the data's columns to the format's, e.g. {prompt: question, completion: answer} reads `question` as the
     prompt. Keys are the format's column names, values the names in your files."""
@@ -145,6 +145,9 @@ class Recipe:
     """Training settings."""
     output_dir: str = ""
     """Where the run is written; defaults to runs/<recipe file name>."""
+    task: Literal["causal_lm", "seq_cls"] = "causal_lm"
+    """`causal_lm`: supervised fine-tuning of a language model (TRL). `seq_cls`: sequence classification (text →
+    label) through the transformers Trainer, the new head trained whole and merged into a standalone classifier."""
 
 
 def _check_values(recipe: Recipe) -> list[str]:
@@ -172,6 +175,18 @@ def _check_values(recipe: Recipe) -> list[str]:
             "loftq fits the adapter to the NF4 quantization error; it needs model.quantization: nf4",
         ),
         (not d.train, "data.train", "is required: set it to a data file or a hub data set name"),
+        (
+            recipe.task == "seq_cls" and d.format not in ("auto", "classification"),
+            "data.format",
+            f"task seq_cls reads text and label columns: use `classification` (or auto), not {d.format!r}",
+        ),
+        (
+            recipe.task == "causal_lm" and d.format == "classification",
+            "data.format",
+            "classification data needs `task: seq_cls`",
+        ),
+        (recipe.task == "seq_cls" and t.packing, "train.packing", "packing applies to task causal_lm only"),
+        (recipe.task == "seq_cls" and lo.init == "loftq", "lora.init", "loftq is implemented for task causal_lm"),
         (not 0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}"),
         (d.max_seq_length <= 0, "data.max_seq_length", f"must be a positive integer, got {d.max_seq_length}"),
         (not 0 <= d.max_truncated <= 1, "data.max_truncated", f"must be in [0, 1], got {d.max_truncated}"),

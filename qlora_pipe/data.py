@@ -27,6 +27,7 @@ FORMAT_COLUMNS = {
     "prompt-completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
+    "classification": ("text", "label"),
 }
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -42,6 +43,8 @@ class PreparedData:
     format: str
     assistant_only_loss: bool
     sources: dict
+    labels: list[str] | None = None
+    """Class names, index = class id (task seq_cls)."""
 
     def splits(self) -> dict[str, datasets.Dataset]:
         return {"train": self.train} | ({"eval": self.eval} if self.eval is not None else {})
@@ -457,4 +460,84 @@ def check(prepared: PreparedData, tokenizer, cfg: DataConfig) -> CheckedData:
         tokenized[name] = tokenize(usable, tokenizer, prepared.assistant_only_loss, name) if len(usable) else usable
         report[name] = check_split(ds, tokenized[name], skipped, tokenizer, cfg.max_seq_length)
         fatal += fatal_problems(name, report[name], cfg, tokenizer)
+    return CheckedData(tokenized, report, fatal)
+
+
+# ---- sequence classification (task: seq_cls) ---------------------------------------------------------------------
+
+
+def label_names(values: list, source: str) -> list[str]:
+    """Class names by id: integer labels 0..n-1 keep their ids; string labels are numbered in sorted order."""
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if min(values) < 0:
+            raise UserError(f"{source}: integer labels must be 0 or more, found {min(values)}")
+        return [str(i) for i in range(max(values) + 1)]
+    if all(isinstance(v, str) for v in values):
+        return sorted(set(values))
+    raise UserError(f"{source}: the label column must hold all integers or all strings")
+
+
+def _label_ids(ds: datasets.Dataset, labels: list[str], source: str) -> datasets.Dataset:
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted({str(v) for v in ds["label"]} - set(index))
+    if unknown:
+        raise UserError(f"{source}: labels {', '.join(unknown[:5])} do not occur in the training data "
+                        f"({', '.join(labels)})")  # fmt: skip
+    return ds.map(lambda ex: {"label": index[str(ex["label"])]}).select_columns(["text", "label"])
+
+
+def load_classification(cfg: DataConfig, seed: int) -> PreparedData:
+    """text/label rows for task seq_cls; labels become ids 0..n-1 over the training data's classes."""
+    train, train_src = read_rows(cfg.train)
+    train = rename_columns(train, cfg.columns, cfg.train)
+    detect_format(train.column_names, "classification", cfg.train)
+    labels = label_names(list(train["label"]), cfg.train)
+    if len(set(train["label"])) < 2:
+        raise UserError(f"{cfg.train}: every example has the same label; a classifier needs at least two classes")
+    train = _label_ids(train, labels, cfg.train)
+    sources = {"train": train_src}
+    if cfg.eval:
+        evaluation, eval_src = read_rows(cfg.eval)
+        evaluation = rename_columns(evaluation, cfg.columns, cfg.eval)
+        detect_format(evaluation.column_names, "classification", cfg.eval)
+        evaluation, sources["eval"] = _label_ids(evaluation, labels, cfg.eval), eval_src
+    elif cfg.eval_fraction > 0 and len(train) >= 2:
+        split = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        train, evaluation = split["train"], split["test"]
+        sources["eval"] = {"held_out_fraction": cfg.eval_fraction, "rows": len(evaluation)}
+    else:
+        evaluation = None
+    return PreparedData(train, evaluation, "classification", False, sources, labels)
+
+
+def check_classification(prepared: PreparedData, tokenizer, cfg: DataConfig) -> CheckedData:
+    """Token lengths, inputs cut by max_seq_length and class balance; the splits tokenized (truncated) for training."""
+    import numpy as np
+
+    tokenized, report, fatal = {}, {}, []
+    for name, ds in prepared.splits().items():
+        lengths = np.array([len(ids) for ids in tokenizer(list(ds["text"]))["input_ids"]] or [0])
+        over = int((lengths > cfg.max_seq_length).sum())
+        counts = {
+            prepared.labels[i]: int(n) for i, n in zip(*np.unique(list(ds["label"]), return_counts=True), strict=True)
+        }
+        report[name] = {
+            "examples": len(ds),
+            "tokens": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
+            "longer_than_max_seq_length": over,
+            "trained_tokens_cut": over,  # every input token feeds the prediction
+            "empty_loss_mask": 0,
+            "eos_not_trained": 0,
+            "labels": counts,
+            "example": f"{ds[0]['text']} {TRAINED_OPEN}{prepared.labels[ds[0]['label']]}{TRAINED_CLOSE}",
+        }
+        if over / max(len(ds), 1) > cfg.max_truncated:
+            fatal.append(f"{name}: {over} of {len(ds)} examples ({over / len(ds):.0%}) are cut by "
+                         f"data.max_seq_length={cfg.max_seq_length} (max length {int(lengths.max())}); raise "
+                         "data.max_seq_length or data.max_truncated")  # fmt: skip
+        tokenized[name] = ds.map(
+            lambda batch: tokenizer(batch["text"], truncation=True, max_length=cfg.max_seq_length),
+            batched=True,
+            remove_columns=["text"],
+        )
     return CheckedData(tokenized, report, fatal)

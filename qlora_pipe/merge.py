@@ -28,7 +28,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
 from qlora_pipe import UserError, data, model
@@ -106,25 +106,31 @@ class Plan:
     names: dict[str, str | None]  # checkpoint key → model parameter name (None: not a parameter)
     conv1d: set[str]  # modules whose weight is stored (in, out)
     out_dtype: torch.dtype
+    added: list[str] = field(default_factory=list)  # adapter tensors the base lacks (a new classification head)
 
-    def outputs(self) -> list[OutTensor]:
-        return [OutTensor(r.key, self.out_dtype if r.dtype.is_floating_point else r.dtype, r.shape) for r in self.refs]
+    def outputs(self, adapter: Adapter) -> list[OutTensor]:
+        base = [OutTensor(r.key, self.out_dtype if r.dtype.is_floating_point else r.dtype, r.shape) for r in self.refs]
+        return base + [OutTensor(name, self.out_dtype, list(adapter.replaced[name].shape)) for name in self.added]
 
 
-def make_plan(base: Path, adapter: Adapter, quantized: dict, out_dtype: torch.dtype, trust_remote_code: bool) -> Plan:
+def make_plan(base: Path, adapter: Adapter, quantized: dict, out_dtype: torch.dtype, trust_remote_code: bool,
+              labels: list[str] | None = None) -> Plan:  # fmt: skip
     files = checkpoint_files(base)
     if not files:
         raise UserError(f"{base}: the streaming merge reads safetensors weights and found none (*.safetensors)")
-    net = model.skeleton(base, trust_remote_code)
+    net = model.skeleton(base, trust_remote_code, labels)
     refs = read_index(files)
     names = model.parameter_names(net, [r.key for r in refs])
+    if labels is not None:  # a classifier drops the base's pre-training heads (BERT's cls.*)
+        refs = [r for r in refs if names[r.key] is not None]
     conv1d = {name for name, module in net.named_modules() if isinstance(module, Conv1D)}
     found = {n.removesuffix(".weight") for n in names.values() if n and n.endswith(".weight")}
     missing = (set(adapter.lora) | set(quantized)) - found
-    missing |= set(adapter.replaced) - set(names.values())
+    added = sorted(set(adapter.replaced) - set(names.values()))
+    missing |= {n for n in added if labels is None or not n.startswith(model.HEADS)}
     if missing:
         raise UserError(f"{base}: the checkpoint lacks weights the run needs: {', '.join(sorted(missing)[:5])}")
-    return Plan(refs, names, conv1d, out_dtype)
+    return Plan(refs, names, conv1d, out_dtype, added)
 
 
 # ---------------------------------------------------------------------------------------------- layer verification
@@ -222,7 +228,7 @@ def merged_tensor(tensor: torch.Tensor, name: str | None, plan: Plan, adapter: A
 
 def stream_merge(plan: Plan, adapter: Adapter, manifest: dict, mode: str, device: torch.device, out: Path,
                  max_shard_size: int, check: LayerCheck | None) -> None:  # fmt: skip
-    writer = ShardWriter(out, plan.outputs(), max_shard_size)
+    writer = ShardWriter(out, plan.outputs(adapter), max_shard_size)
     bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
     # The next tensor is read while this one is computed (and the last one written): disk and CPU overlap.
     with bar, ThreadPoolExecutor(1, thread_name_prefix="shard-reader") as reader:
@@ -235,14 +241,19 @@ def stream_merge(plan: Plan, adapter: Adapter, manifest: dict, mode: str, device
                                    device, check)  # fmt: skip
             writer.write(ref.key, tensor)
             bar.update(tensor.numel() * tensor.element_size())
+        for name in plan.added:
+            tensor = adapter.replaced[name].to(plan.out_dtype)
+            writer.write(name, tensor)
+            bar.update(tensor.numel() * tensor.element_size())
     writer.close()
 
 
 # --------------------------------------------------------------------------------- in-memory models (verification)
 def logits_on(net: torch.nn.Module, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per prompt: next-token logits at every position (causal LM) or the class logits (classifier)."""
     net.eval()
     with torch.no_grad():
-        return [net(input_ids=ids[None].to(net.device)).logits[0].float().cpu() for ids in prompts]
+        return [net(input_ids=ids[None].to(net.device)).logits.flatten(0, -2).float().cpu() for ids in prompts]
 
 
 def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> dict[str, float]:
@@ -269,8 +280,9 @@ def merge_in_memory(manifest: dict, adapter_dir: Path, mode: str, out_dtype: tor
     (or the original weights), then PEFT's merge_and_unload. The streaming merge must write exactly this."""
     recipe = recipe_from_dict(manifest["recipe"])
     base, trust = manifest["base"]["path"], recipe.model.trust_remote_code
+    auto, head_args = model.head(manifest.get("labels"))
     if mode == "original":
-        full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust)
+        full = auto.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust, **head_args)
     else:
         trained = load_trained(manifest)
         weights = {
@@ -278,13 +290,14 @@ def merge_in_memory(manifest: dict, adapter_dir: Path, mode: str, out_dtype: tor
             for name, p in trained.named_parameters(remove_duplicate=False)
         }
         del trained
-        full = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base, trust_remote_code=trust),
-                                                dtype=torch.float32, trust_remote_code=trust)  # fmt: skip
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust, **head_args)
+        full = auto.from_config(config, dtype=torch.float32, trust_remote_code=trust)
         modules = dict(full.named_modules())
         for name, tensor in weights.items():
             if isinstance(modules[name.rpartition(".")[0]], Conv1D) and name.endswith(".weight"):
                 weights[name] = tensor.T.contiguous()  # back to Conv1D's (in, out) layout
         missing, unexpected = full.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.startswith(model.HEADS)]  # a new head comes with the adapter
         if missing or unexpected:
             raise RuntimeError(f"trained weights do not fit the architecture: missing {missing}, extra {unexpected}")
     return PeftModel.from_pretrained(full, adapter_dir).merge_and_unload().to(out_dtype)
@@ -292,6 +305,12 @@ def merge_in_memory(manifest: dict, adapter_dir: Path, mode: str, out_dtype: tor
 
 def report_prompts(recipe, tokenizer) -> list[torch.Tensor]:
     """Held-out examples (the eval split, else the first training rows), tokenized as training saw them."""
+    if recipe.task == "seq_cls":
+        prepared = data.load_classification(recipe.data, recipe.train.seed)
+        rows = prepared.eval if prepared.eval is not None else prepared.train
+        texts = list(rows.select(range(min(REPORT_PROMPTS, len(rows))))["text"])
+        ids = tokenizer(texts, truncation=True, max_length=recipe.data.max_seq_length)["input_ids"]
+        return [torch.tensor(i) for i in ids]
     prepared = data.load_data(recipe.data, tokenizer, recipe.train.seed)
     rows = prepared.eval if prepared.eval is not None else prepared.train
     rows = rows.select(range(min(REPORT_PROMPTS, len(rows))))
@@ -317,7 +336,7 @@ def verify_full(manifest: dict, adapter_dir: Path, merged_dir: Path, mode: str, 
             param.data = param.data.float()  # exact upcast, as prepare_model_for_kbit_training does for training
     reference = logits_on(PeftModel.from_pretrained(trained, adapter_dir), prompts)
     del trained
-    written = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=out_dtype)
+    written = model.head(manifest.get("labels"))[0].from_pretrained(merged_dir, dtype=out_dtype)
     modes = {mode: compare(reference, logits_on(written, prompts))}
     del written
     other = next(m for m in MODES if m != mode)
@@ -403,15 +422,16 @@ def merge(
     if manifest["quantization"]["method"] == "nf4" and "quantized_modules" not in manifest["quantization"]:
         raise UserError(f"{run_dir}: the manifest does not list the quantized modules (written by an older "
                         "qlora-pipe); re-run `qlora-pipe train` to merge it")  # fmt: skip
-    plan = make_plan(base, adapter, manifest["quantization"].get("quantized_modules", {}), out_dtype, trust)
+    plan = make_plan(base, adapter, manifest["quantization"].get("quantized_modules", {}), out_dtype, trust,
+                     manifest.get("labels"))  # fmt: skip
     verify = choose_verify(verify, plan)
-    check_disk(out, sum(t.nbytes for t in plan.outputs()))
+    check_disk(out, sum(t.nbytes for t in plan.outputs(adapter)))
     tokenizer = model.load_tokenizer(str(adapter_dir), trust)
     check = LayerCheck() if verify == "layers" else None
 
     with atomic_dir(out) as tmp:
         stream_merge(plan, adapter, manifest, mode, quant_device, tmp, shard_bytes, check)
-        write_metadata(base, tokenizer, out_dtype, tmp, trust)
+        write_metadata(base, tokenizer, out_dtype, tmp, trust, manifest.get("labels"))
         report = {"verify": verify, "output_dtype": str(out_dtype).removeprefix("torch."), "written_mode": mode}
         if verify == "full":
             report["reference"] = "NF4 base + adapter, fp32 compute; whole-model logits on held-out examples"
@@ -426,13 +446,22 @@ def merge(
     return out
 
 
-def write_metadata(base: Path, tokenizer, out_dtype: torch.dtype, out: Path, trust_remote_code: bool) -> None:
-    """config.json without quantization_config, the tokenizer, and a generation_config that stops at eos."""
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+def write_metadata(base: Path, tokenizer, out_dtype: torch.dtype, out: Path, trust_remote_code: bool,
+                   labels: list[str] | None = None) -> None:  # fmt: skip
+    """config.json without quantization_config (a classifier's with its labels and class), the tokenizer, and a
+    generation_config that stops at eos."""
+    auto, head_args = model.head(labels)
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **head_args)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = out_dtype
+    if labels is not None:
+        config.architectures = [auto._model_mapping[type(config)].__name__]
+        config.pad_token_id = tokenizer.pad_token_id
     config.save_pretrained(out)
+    if labels is not None:
+        tokenizer.save_pretrained(out)
+        return
     try:
         gen = GenerationConfig.from_pretrained(base)
     except OSError:  # generation_config.json is optional in a checkpoint

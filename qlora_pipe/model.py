@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from qlora_pipe import UserError
 from qlora_pipe.config import ModelConfig
@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # The NF4 settings QLoRA trains with. The manifest records them so that merge reproduces the exact weights.
 NF4 = {"quant_type": "nf4", "double_quant": True, "blocksize": 64, "quant_storage": "uint8"}
+# Classification heads transformers adds to a base (and PEFT's SEQ_CLS task saves whole): BERT's classifier,
+# decoders' score.
+HEADS = ("classifier", "score")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -63,8 +66,11 @@ def weight_files(base: str) -> list[Path]:
     return sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
 
 
-def bnb_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+def bnb_config(compute_dtype: torch.dtype, classifier: bool = False) -> BitsAndBytesConfig:
+    # A classification head is new and trained whole (modules_to_save): it must stay in full precision.
+    skip = {"llm_int8_skip_modules": list(HEADS)} if classifier else {}
     return BitsAndBytesConfig(
+        **skip,
         load_in_4bit=True,
         bnb_4bit_quant_type=NF4["quant_type"],
         bnb_4bit_use_double_quant=NF4["double_quant"],
@@ -84,33 +90,55 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
+def head(labels: list[str] | None) -> tuple[type, dict]:
+    """The auto class and config arguments for a causal LM (labels None) or a sequence classifier over `labels`."""
+    if labels is None:
+        return AutoModelForCausalLM, {}
+    ids = dict(enumerate(labels))
+    return AutoModelForSequenceClassification, {"num_labels": len(labels), "id2label": ids,
+                                                "label2id": {v: k for k, v in ids.items()}}  # fmt: skip
+
+
 def load_base(
-    cfg: ModelConfig, compute_dtype: torch.dtype, quantized: bool, load_dtype: torch.dtype | None = None
+    cfg: ModelConfig,
+    compute_dtype: torch.dtype,
+    quantized: bool,
+    load_dtype: torch.dtype | None = None,
+    labels: list[str] | None = None,
 ) -> torch.nn.Module:
-    """Load the base in NF4 (quantized) or in full precision. `load_dtype` is the dtype weights are read in before
-    quantization; it decides the NF4 block scales, so merge passes the one training used."""
-    kwargs = {}
+    """Load the base in NF4 (quantized) or in full precision, as a causal LM or (with `labels`) a sequence
+    classifier. `load_dtype` is the dtype weights are read in before quantization; it decides the NF4 block scales,
+    so merge passes the one training used."""
+    auto, kwargs = head(labels)
     if cfg.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quantized:
-        kwargs["quantization_config"] = bnb_config(compute_dtype)
-    model = AutoModelForCausalLM.from_pretrained(
+        kwargs["quantization_config"] = bnb_config(compute_dtype, classifier=labels is not None)
+    net, info = auto.from_pretrained(
         cfg.base,
         dtype=load_dtype or compute_dtype,
         device_map=device_map(),
         trust_remote_code=cfg.trust_remote_code,
+        output_loading_info=True,
         **kwargs,
     )
-    return model
+    # Weights the checkpoint lacks are initialised at random and, unless they are the new head (saved with the
+    # adapter), trained on but never saved: the merged model could not reproduce the trained one.
+    fresh = sorted(k for k in info["missing_keys"] if labels is None or not k.startswith(HEADS))
+    if fresh:
+        raise UserError(f"model.base: {cfg.base} lacks weights the model needs ({', '.join(fresh[:5])}); "
+                        "it is not a complete checkpoint of this architecture")  # fmt: skip
+    return net
 
 
-def skeleton(base: str | Path, trust_remote_code: bool) -> torch.nn.Module:
+def skeleton(base: str | Path, trust_remote_code: bool, labels: list[str] | None = None) -> torch.nn.Module:
     """The architecture of `base` on the meta device: module types and parameter names, no weights, no memory."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    auto, kwargs = head(labels)
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return auto.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def parameter_names(net: torch.nn.Module, keys: list[str]) -> dict[str, str | None]:
@@ -171,7 +199,7 @@ def load_run_base(manifest: dict, compute_dtype: torch.dtype) -> torch.nn.Module
 
     q = manifest["quantization"]
     cfg = dataclasses.replace(recipe_from_dict(manifest["recipe"]).model, base=manifest["base"]["path"])
-    return load_base(cfg, compute_dtype, q["method"] == "nf4", getattr(torch, q["load_dtype"]))
+    return load_base(cfg, compute_dtype, q["method"] == "nf4", getattr(torch, q["load_dtype"]), manifest.get("labels"))
 
 
 def set_cpu_bf16_fastpath(model: torch.nn.Module, enabled: bool) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import peft
 import torch
-from transformers import TrainerCallback
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from qlora_pipe import UserError, data, loftq, model
@@ -95,13 +95,22 @@ def lora_config(recipe: Recipe) -> peft.LoraConfig:
         use_rslora=lo.use_rslora,
         # loftq: the weights come from the LoftQ stage's adapter_init/, loaded over this default
         init_lora_weights="gaussian" if lo.init == "gaussian" else True,
-        task_type="CAUSAL_LM",
+        # SEQ_CLS: PEFT trains the new classification head whole (modules_to_save) and saves it with the adapter
+        task_type="SEQ_CLS" if recipe.task == "seq_cls" else "CAUSAL_LM",
     )
 
 
-def sft_config(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eval: bool) -> SFTConfig:
+def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eval: bool) -> TrainingArguments:
+    """TRL's SFTConfig for causal LM (data arrives tokenized and masked, so TRL only truncates and packs), the
+    transformers TrainingArguments for classification."""
     t = recipe.train
-    return SFTConfig(
+    if recipe.task == "seq_cls":
+        cls, task_args = TrainingArguments, {}
+    else:
+        cls = SFTConfig
+        task_args = {"packing": t.packing, "max_length": recipe.data.max_seq_length, "assistant_only_loss": False}
+    return cls(
+        **task_args,
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -116,10 +125,6 @@ def sft_config(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eval: 
         gradient_accumulation_steps=t.grad_accumulation,
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
-        packing=t.packing,
-        max_length=recipe.data.max_seq_length,
-        # The data arrives tokenized with its labels already masked (data.check), so TRL only truncates and packs.
-        assistant_only_loss=False,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -153,7 +158,9 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         model_cfg, base = dataclasses.replace(recipe.model, base=str(backbone)), str(backbone)
 
     torch.manual_seed(recipe.train.seed)  # LoRA A is drawn at get_peft_model time
-    base_model = model.load_base(model_cfg, compute_dtype, quantized)
+    base_model = model.load_base(model_cfg, compute_dtype, quantized, labels=prepared.labels)
+    if prepared.labels:  # decoder classifiers read the prediction at the last non-pad token
+        base_model.config.pad_token_id = tokenizer.pad_token_id
     # A KV cache is useless in training, and with one transformers cannot see packed example boundaries.
     base_model.config.use_cache = False
     layout = model.describe_quantization(base_model, compute_dtype)
@@ -168,14 +175,18 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     if recipe.train.packing:
         check_packing(peft_model, len(tokenizer))
     out.mkdir(parents=True, exist_ok=True)
-    trainer = SFTTrainer(
+    common = dict(
         model=peft_model,
-        args=sft_config(recipe, out, compute_dtype, "eval" in checked.tokenized),
+        args=training_args(recipe, out, compute_dtype, "eval" in checked.tokenized),
         train_dataset=checked.tokenized["train"],
         eval_dataset=checked.tokenized.get("eval"),
         processing_class=tokenizer,
         callbacks=[LossLog(out / TRAIN_LOG)],
     )
+    if recipe.task == "seq_cls":
+        trainer = Trainer(**common, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
+    else:
+        trainer = SFTTrainer(**common)
     (out / DATA_CHECK).write_text(json.dumps(checked.report, indent=2, ensure_ascii=False) + "\n")
     facts = {
         "base": {
@@ -192,8 +203,15 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
             **layout,
         },
         "data": {"format": prepared.format, "assistant_only_loss": prepared.assistant_only_loss, **prepared.sources},
+        "task": recipe.task,
+        "labels": prepared.labels,
     }
     return trainer, facts
+
+
+def accuracy(prediction) -> dict[str, float]:
+    logits, labels = prediction
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
 def prepare_data(recipe: Recipe, base: str) -> tuple[object, data.PreparedData, data.CheckedData]:
@@ -201,6 +219,9 @@ def prepare_data(recipe: Recipe, base: str) -> tuple[object, data.PreparedData, 
     and `train` enforces, before any model is loaded."""
     tokenizer = model.load_tokenizer(base, recipe.model.trust_remote_code)
     data.prepare_tokenizer(tokenizer, recipe.data)
+    if recipe.task == "seq_cls":
+        prepared = data.load_classification(recipe.data, recipe.train.seed)
+        return tokenizer, prepared, data.check_classification(prepared, tokenizer, recipe.data)
     prepared = data.load_data(recipe.data, tokenizer, recipe.train.seed)
     return tokenizer, prepared, data.check(prepared, tokenizer, recipe.data)
 
@@ -208,6 +229,11 @@ def prepare_data(recipe: Recipe, base: str) -> tuple[object, data.PreparedData, 
 def refusal(checked: data.CheckedData) -> str:
     problems = "\n  ".join(checked.fatal)
     return f"the data check failed (`qlora-pipe check-data RECIPE` prints the full report):\n  {problems}"
+
+
+def eval_metrics(trainer, when: str) -> dict[str, float]:
+    result = trainer.evaluate()
+    return {f"{k}_{when}": v for k, v in result.items() if k in ("eval_loss", "eval_accuracy")}
 
 
 def _loss_summary(log_history: list[dict]) -> dict:
@@ -223,10 +249,10 @@ def train(recipe: Recipe) -> Path:
     start = time.monotonic()
     metrics = {}
     if trainer.eval_dataset is not None:
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        metrics |= eval_metrics(trainer, "before")
     result = trainer.train()
     if trainer.eval_dataset is not None:
-        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+        metrics |= eval_metrics(trainer, "after")
     loss = result.training_loss
     if not math.isfinite(loss):
         raise UserError(f"training loss is {loss}; lower train.learning_rate or check the data")

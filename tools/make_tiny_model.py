@@ -211,6 +211,7 @@ def build_like(out_dir: str | Path, facts_dir: str | Path, seed: int = 0, corpus
     cfg = tiny_config(config, token_ids, len(tokenizer))
     model_type = cfg.pop("model_type")
     architecture = (cfg.pop("architectures", None) or ["AutoModelForCausalLM"])[0]
+    architecture = facts.get("checkpoint_class", architecture)  # bert-base-uncased: BertForPreTraining weights
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(AutoConfig.for_model(model_type, **cfg))
     model.save_pretrained(out)

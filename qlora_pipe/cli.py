@@ -50,8 +50,9 @@ def _train(args: argparse.Namespace) -> None:
         print(f"train loss {metrics['train_loss_first']:.4f} → {metrics['train_loss_last']:.4f}")
     if "eval_loss_before" in metrics:
         print(f"eval loss {metrics['eval_loss_before']:.4f} → {metrics['eval_loss_after']:.4f}")
-    if "eval_accuracy_before" in metrics:
-        print(f"eval accuracy {metrics['eval_accuracy_before']:.4f} → {metrics['eval_accuracy_after']:.4f}")
+    for key, name in (("eval_accuracy", "eval accuracy"), ("eval_exact_match", "eval label accuracy (exact match)")):
+        if f"{key}_before" in metrics:
+            print(f"{name} {metrics[f'{key}_before']:.4f} → {metrics[f'{key}_after']:.4f}")
     print(f"next: qlora-pipe merge {out}")
 
 
@@ -108,6 +109,20 @@ def _loftq(args: argparse.Namespace) -> None:
     print(f"backbone and adapter_init: {out}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from qlora_pipe.evaluate import evaluate
+
+    m = evaluate(args.path, args.data, args.out)
+    print(f"{m['model']} on {m['data']}: {m['examples']} examples")
+    print(f"loss {m['loss']:.4f}" + (f", perplexity {m['perplexity']:.3f}" if "perplexity" in m else ""))
+    if "accuracy" in m:
+        print(f"accuracy {m['accuracy']:.4f}")
+    if "exact_match" in m:
+        print(f"exact match {m['exact_match']:.4f} over {m['exact_match_examples']} answers")
+        for miss in m["mismatches"]:
+            print(f"  expected {miss['expected']!r}, generated {miss['generated']!r}")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from qlora_pipe.generate import generate
 
@@ -115,6 +130,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from qlora_pipe.evaluate import LABEL_TOKENS
     from qlora_pipe.merge import DEVICES, MODES, OUT_DTYPES, VERIFY
 
     top = argparse.ArgumentParser(
@@ -197,6 +213,19 @@ def parser() -> argparse.ArgumentParser:
                             "within the streaming memory bound; auto: full when the models fit in memory")  # fmt: skip
     merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     merge.set_defaults(func=_merge)
+
+    ev = sub.add_parser(
+        "eval",
+        help="loss, perplexity and accuracy of a run, a merged model or a model directory",
+        description="Evaluate on --data, or on the run's eval split. Reports loss and perplexity over the trained "
+        f"tokens (masked as in training); exact-match accuracy when every answer is at most {LABEL_TOKENS} tokens "
+        "(label tasks: the answer generated greedily after the prompt must equal the reference); accuracy for "
+        "classifiers.",
+    )
+    ev.add_argument("path", help="run directory (base + adapter), merged directory or model directory")
+    ev.add_argument("--data", help="data file (any format train reads); default: the run's eval split")
+    ev.add_argument("--out", help="also write the metrics to this JSON file")
+    ev.set_defaults(func=_eval)
 
     gen = sub.add_parser(
         "generate",

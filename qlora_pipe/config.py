@@ -127,6 +127,9 @@ class TrainConfig:
     """Write a trainer checkpoint every this many steps."""
     save_total_limit: int = 2
     """Keep at most this many trainer checkpoints."""
+    label_accuracy: bool = False
+    """Label tasks: before and after training, greedy-generate each eval example's answer and report the share that
+    equals the reference exactly (`eval_exact_match_before/after`)."""
     report_to: str | list[str] = "none"
     """Experiment trackers (`none`, `tensorboard`, `wandb`, ...), as in transformers."""
 
@@ -186,6 +189,12 @@ def _check_values(recipe: Recipe) -> list[str]:
             "classification data needs `task: seq_cls`",
         ),
         (recipe.task == "seq_cls" and t.packing, "train.packing", "packing applies to task causal_lm only"),
+        (
+            t.label_accuracy and (recipe.task == "seq_cls" or (not d.eval and d.eval_fraction == 0)),
+            "train.label_accuracy",
+            "needs task causal_lm and eval data (data.eval or data.eval_fraction > 0); classifiers report accuracy "
+            "anyway",
+        ),
         (recipe.task == "seq_cls" and lo.init == "loftq", "lora.init", "loftq is implemented for task causal_lm"),
         (not 0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}"),
         (d.max_seq_length <= 0, "data.max_seq_length", f"must be a positive integer, got {d.max_seq_length}"),

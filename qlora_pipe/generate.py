@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from qlora_pipe import UserError, model
 from qlora_pipe.config import recipe_from_dict
@@ -25,7 +25,10 @@ def load(path: str | Path) -> tuple[torch.nn.Module, object, str]:
         base = model.load_run_base(manifest, model.resolve_compute_dtype(recipe.model.compute_dtype))
         return PeftModel.from_pretrained(base, adapter), model.load_tokenizer(str(adapter)), f"{path} (base + adapter)"
     if (path / "config.json").exists():
-        net = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=model.device_map())
+        config = AutoConfig.from_pretrained(path)
+        classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+        net = auto.from_pretrained(path, dtype="auto", device_map=model.device_map())
         return net, model.load_tokenizer(str(path)), str(path)
     raise UserError(f"{path}: not a merged model, a training run or a model directory (no config.json or manifest)")
 

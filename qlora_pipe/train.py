@@ -231,9 +231,16 @@ def refusal(checked: data.CheckedData) -> str:
     return f"the data check failed (`qlora-pipe check-data RECIPE` prints the full report):\n  {problems}"
 
 
-def eval_metrics(trainer, when: str) -> dict[str, float]:
-    result = trainer.evaluate()
-    return {f"{k}_{when}": v for k, v in result.items() if k in ("eval_loss", "eval_accuracy")}
+def eval_metrics(trainer, when: str, label_accuracy: bool) -> dict[str, float]:
+    result = {k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy")}
+    if label_accuracy:
+        from qlora_pipe.evaluate import exact_match
+
+        match = exact_match(trainer.model, trainer.processing_class, trainer.eval_dataset)
+        if not match:
+            logger.warning("train.label_accuracy: the eval answers are longer than label answers; not measured")
+        result |= {"eval_exact_match": match["exact_match"]} if match else {}
+    return {f"{k}_{when}": v for k, v in result.items()}
 
 
 def _loss_summary(log_history: list[dict]) -> dict:
@@ -249,10 +256,10 @@ def train(recipe: Recipe) -> Path:
     start = time.monotonic()
     metrics = {}
     if trainer.eval_dataset is not None:
-        metrics |= eval_metrics(trainer, "before")
+        metrics |= eval_metrics(trainer, "before", recipe.train.label_accuracy)
     result = trainer.train()
     if trainer.eval_dataset is not None:
-        metrics |= eval_metrics(trainer, "after")
+        metrics |= eval_metrics(trainer, "after", recipe.train.label_accuracy)
     loss = result.training_loss
     if not math.isfinite(loss):
         raise UserError(f"training loss is {loss}; lower train.learning_rate or check the data")

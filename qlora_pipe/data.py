@@ -341,17 +341,17 @@ def tokenize(ds: datasets.Dataset, tokenizer, assistant_only_loss: bool, name: s
         return SFTTrainer._prepare_dataset(state, ds, tokenizer, args, False, None, name)
 
 
-def _eos_closes_runs(labels: list[int], eos_id: int, is_whitespace) -> bool:
-    """Every run of trained tokens ends with eos, or with eos followed only by whitespace tokens (templates that
-    put a newline after the end-of-turn token inside the completion)."""
+def _unclosed_run_end(labels: list[int], eos_id: int, is_whitespace) -> int | None:
+    """None when every run of trained tokens ends with eos (or eos then whitespace tokens, for templates that put a
+    newline after the end-of-turn token inside the completion); else the token the first other run ends with."""
     run_end = [i for i, t in enumerate(labels) if t != -100 and (i + 1 == len(labels) or labels[i + 1] == -100)]
     for end in run_end:
         i = end
         while i >= 0 and labels[i] != -100 and labels[i] != eos_id and is_whitespace(labels[i]):
             i -= 1
         if i < 0 or labels[i] != eos_id:
-            return False
-    return True
+            return labels[i] if i >= 0 and labels[i] != -100 else labels[end]
+    return None
 
 
 def _whitespace_test(tokenizer):
@@ -385,13 +385,15 @@ def check_split(raw: datasets.Dataset, tokenized: datasets.Dataset, skipped: lis
     kept = [i for i in range(len(raw)) if i not in set(skipped)]
     all_labels = tokenized["labels"] if "labels" in tokenized.column_names else []
     lengths = np.array([len(labels) for labels in all_labels] or [0])
-    empty, eos_missing, cut, over = list(skipped), [], [], 0
+    empty, eos_missing, cut, over, ends = list(skipped), [], [], 0, {}
     for row, labels in zip(kept, all_labels, strict=True):
         if all(t == -100 for t in labels):
             empty.append(row)
             continue
-        if not _eos_closes_runs(labels, eos_id, is_whitespace):
+        end = _unclosed_run_end(labels, eos_id, is_whitespace)
+        if end is not None:
             eos_missing.append(row)
+            ends[end] = ends.get(end, 0) + 1
         if len(labels) > max_len:
             over += 1
             if any(t != -100 for t in labels[max_len:]):
@@ -404,6 +406,7 @@ def check_split(raw: datasets.Dataset, tokenized: datasets.Dataset, skipped: lis
         "trained_tokens_cut": len(cut),
         "empty_loss_mask": len(empty),
         "eos_not_trained": len(eos_missing),
+        "trained_spans_end_with": {tokenizer.convert_ids_to_tokens(t): n for t, n in ends.items()},
         "first_rows": {
             "empty_loss_mask": sorted(empty)[:5],
             "eos_not_trained": eos_missing[:5],
@@ -426,11 +429,12 @@ def fatal_problems(name: str, report: dict, cfg: DataConfig, tokenizer) -> list[
             f"not marked; fix or drop those rows"
         )
     if report["eos_not_trained"]:
+        instead = ", ".join(repr(t) for t in report["trained_spans_end_with"])
         problems.append(
             f"{name}: in {report['eos_not_trained']} of {n} examples (rows {rows['eos_not_trained']}) a trained "
-            f"span does not end with the eos token {tokenizer.eos_token!r}, so the model would not learn to stop; "
-            f"the chat template ends turns with another token: set data.chat_template to the built-in template of "
-            f"this model's family (chatml, llama-2, llama-3, mistral)"
+            f"span ends with {instead}, not with the eos token {tokenizer.eos_token!r}, so the model would not "
+            f"learn to stop; set data.chat_template to the built-in template of this model's family (chatml, "
+            f"llama-2, llama-3, mistral), which makes its end-of-turn token the eos"
         )
     share = report["trained_tokens_cut"] / max(n, 1)
     if share > cfg.max_truncated:

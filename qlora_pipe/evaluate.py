@@ -147,6 +147,8 @@ def evaluate(path: str | Path, data_file: str | None = None, out: str | Path | N
     from qlora_pipe.generate import load
 
     path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory (give a run directory, a merged model or a model directory)")
     recipe = run_recipe(path)
     cfg, source = eval_data_config(recipe, data_file)
     net, tokenizer, description = load(path)

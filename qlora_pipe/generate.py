@@ -23,6 +23,8 @@ def load(path: str | Path) -> tuple[torch.nn.Module, object, str]:
         manifest, adapter = load_run(path)
         recipe = recipe_from_dict(manifest["recipe"])
         base = model.load_run_base(manifest, model.resolve_compute_dtype(recipe.model.compute_dtype))
+        if manifest["quantization"]["method"] == "nf4":
+            model.set_cpu_bf16_fastpath(base, False)  # compute as training did, in the recipe's compute dtype
         return PeftModel.from_pretrained(base, adapter), model.load_tokenizer(str(adapter)), f"{path} (base + adapter)"
     if (path / "config.json").exists():
         config = AutoConfig.from_pretrained(path)

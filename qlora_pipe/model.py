@@ -87,7 +87,10 @@ def device_map() -> dict:
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:  # a hub id with no network, or a directory without tokenizer files: the user's to fix
+        raise UserError(f"cannot load the tokenizer of {source}: {str(e).splitlines()[0]}") from None
 
 
 def head(labels: list[str] | None) -> tuple[type, dict]:

@@ -77,7 +77,7 @@ def test_every_recipe_field_is_documented_in_help():
                 assert f"    {name} (default " in text and doc, name
 
 
-@pytest.mark.parametrize("command", ["train", "merge", "generate"])
+@pytest.mark.parametrize("command", ["train", "check-data", "eval", "loftq", "merge", "generate"])
 def test_each_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "usage: qlora-pipe" in result.stdout
@@ -89,3 +89,15 @@ def test_a_single_problem_is_one_line(tmp_path):
     result = run_cli("train", str(recipe))
     assert_user_error(result, "lora.r: must be a positive integer, got 0")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_check_data_passes_good_data_and_train_refuses_what_it_flags(write_recipe, tiny_model, tmp_path, capsys):
+    recipe = write_recipe(tiny_model("llama"))
+    assert cli.main(["check-data", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "train: 480 examples" in out and "⟦" in out and "data check passed" in out
+    assert cli.main(["check-data", str(recipe), "data.max_seq_length=16"]) == 2
+    assert "lose trained tokens to data.max_seq_length=16" in capsys.readouterr().err
+    assert_user_error(run_cli("train", str(recipe), "data.max_seq_length=16"), "the data check failed",
+                      "lose trained tokens to data.max_seq_length=16")  # fmt: skip
+    assert not (tmp_path / "run").exists()

@@ -97,7 +97,8 @@ def test_template_whose_turns_end_with_another_token_than_eos_is_fatal(tiny_like
     tok, prepared, result = checked(tmp_path, write_recipe, tiny_like("recipes/qwen2.5-7b"), [{"messages": CHAT}] * 3)
     assert prepared.assistant_only_loss  # TRL swaps in its training version of the Qwen2.5 template
     assert result.report["train"]["eos_not_trained"] == 3
-    assert any("does not end with the eos token '<|endoftext|>'" in p and "data.chat_template" in p
+    assert result.report["train"]["trained_spans_end_with"] == {"<|im_end|>": 3}
+    assert any("ends with '<|im_end|>', not with the eos token '<|endoftext|>'" in p and "data.chat_template" in p
                for p in result.fatal)  # fmt: skip
 
 

@@ -1,0 +1,48 @@
+"""eval: the loss it reports is the trainer's eval loss, exact match scores label tasks, a merged model scores as
+its run does, and a classifier (task seq_cls) reports the accuracy the trainer saw."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ROOT
+
+from qlora_pipe import UserError
+from qlora_pipe.config import load_recipe
+from qlora_pipe.evaluate import evaluate
+from qlora_pipe.merge import merge
+from qlora_pipe.train import train
+
+
+def test_eval_of_a_run_and_its_merge_agree_with_training(write_recipe, tiny_model):
+    run = train(load_recipe(write_recipe(tiny_model("llama"), train={"max_steps": 6})))
+    trained = json.loads((run / "manifest.json").read_text())["metrics"]
+    metrics = evaluate(run)
+    assert metrics["examples"] == 64 and metrics["loss"] == pytest.approx(trained["eval_loss_after"], rel=0.02)
+    assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["loss"], rel=1e-6)
+    assert 0 <= metrics["exact_match"] <= 1 and metrics["exact_match_examples"] == 64  # labels: one word each
+    merged = evaluate(merge(run, verify="none"))
+    assert merged["loss"] == pytest.approx(metrics["loss"], rel=1e-4)
+    assert merged["exact_match"] == metrics["exact_match"]
+
+
+def test_eval_of_a_classifier_reports_the_trainers_accuracy(tiny_like, write_recipe, tmp_path):
+    sst2 = ROOT / "data" / "seeds" / "sst2"
+    recipe = write_recipe(tiny_like("recipes/seeds/bert-base-uncased"), task="seq_cls",
+                          data={"train": str(sst2 / "train.jsonl"), "eval": str(sst2 / "eval.jsonl"),
+                                "columns": {"text": "sentence"}, "format": "classification"})  # fmt: skip
+    run = train(load_recipe(recipe))
+    trained = json.loads((run / "manifest.json").read_text())
+    assert trained["labels"] == ["0", "1"] and "eval_accuracy_after" in trained["metrics"]
+    metrics = evaluate(run)
+    assert metrics["accuracy"] == pytest.approx(trained["metrics"]["eval_accuracy_after"])
+    assert metrics["loss"] == pytest.approx(trained["metrics"]["eval_loss_after"], rel=1e-3)
+    merged = merge(run, verify="full")
+    assert json.loads((merged / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+    assert evaluate(merged)["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_eval_of_a_bare_model_needs_data(tiny_model):
+    with pytest.raises(UserError, match="pass --data FILE"):
+        evaluate(tiny_model("llama"))

@@ -279,19 +279,24 @@ def load_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     train = rename_columns(train, cfg.columns, cfg.train)
     fmt = detect_format(train.column_names, cfg.format, cfg.train)
     train, assistant_only = to_trl(train, fmt, tokenizer)
+    train, evaluation, sources = with_eval(
+        cfg, train, train_src, seed,
+        lambda ds: to_trl(ds, detect_format(ds.column_names, fmt, cfg.eval), tokenizer)[0],
+    )  # fmt: skip
+    return PreparedData(train, evaluation, fmt, assistant_only, sources)
+
+
+def with_eval(cfg: DataConfig, train: datasets.Dataset, train_src: dict, seed: int, convert) -> tuple:
+    """(train, eval or None, sources): data.eval read and converted like train, else a held-out share of train."""
     sources = {"train": train_src}
     if cfg.eval:
-        evaluation, eval_src = read_rows(cfg.eval)
-        evaluation = rename_columns(evaluation, cfg.columns, cfg.eval)
-        evaluation, _ = to_trl(evaluation, detect_format(evaluation.column_names, fmt, cfg.eval), tokenizer)
-        sources["eval"] = eval_src
-    elif cfg.eval_fraction > 0 and len(train) >= 2:
+        evaluation, sources["eval"] = read_rows(cfg.eval)
+        return train, convert(rename_columns(evaluation, cfg.columns, cfg.eval)), sources
+    if cfg.eval_fraction > 0 and len(train) >= 2:
         split = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
-        train, evaluation = split["train"], split["test"]
-        sources["eval"] = {"held_out_fraction": cfg.eval_fraction, "rows": len(evaluation)}
-    else:
-        evaluation = None
-    return PreparedData(train, evaluation, fmt, assistant_only, sources)
+        sources["eval"] = {"held_out_fraction": cfg.eval_fraction, "rows": len(split["test"])}
+        return split["train"], split["test"], sources
+    return train, None, sources
 
 
 def render(example: dict, tokenizer) -> str:
@@ -499,18 +504,12 @@ def load_classification(cfg: DataConfig, seed: int) -> PreparedData:
     if len(set(train["label"])) < 2:
         raise UserError(f"{cfg.train}: every example has the same label; a classifier needs at least two classes")
     train = _label_ids(train, labels, cfg.train)
-    sources = {"train": train_src}
-    if cfg.eval:
-        evaluation, eval_src = read_rows(cfg.eval)
-        evaluation = rename_columns(evaluation, cfg.columns, cfg.eval)
-        detect_format(evaluation.column_names, "classification", cfg.eval)
-        evaluation, sources["eval"] = _label_ids(evaluation, labels, cfg.eval), eval_src
-    elif cfg.eval_fraction > 0 and len(train) >= 2:
-        split = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
-        train, evaluation = split["train"], split["test"]
-        sources["eval"] = {"held_out_fraction": cfg.eval_fraction, "rows": len(evaluation)}
-    else:
-        evaluation = None
+
+    def convert(ds: datasets.Dataset) -> datasets.Dataset:
+        detect_format(ds.column_names, "classification", cfg.eval)
+        return _label_ids(ds, labels, cfg.eval)
+
+    train, evaluation, sources = with_eval(cfg, train, train_src, seed, convert)
     return PreparedData(train, evaluation, "classification", False, sources, labels)
 
 

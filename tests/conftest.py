@@ -17,6 +17,14 @@ from make_tiny_model import build, build_like  # noqa: E402
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 DEMO_DATA = ROOT / "data" / "tiny"
+# A conversation with a system turn and two assistant turns.
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Say yes."},
+    {"role": "assistant", "content": "yes"},
+    {"role": "user", "content": "Say no."},
+    {"role": "assistant", "content": "no"},
+]
 
 
 @pytest.fixture(scope="session")

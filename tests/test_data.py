@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import write_jsonl
+from conftest import CHAT, write_jsonl
 
 from qlora_pipe import UserError
 from qlora_pipe.config import load_recipe
 from qlora_pipe.train import build_trainer
-
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Say yes."},
-    {"role": "assistant", "content": "yes"},
-    {"role": "user", "content": "Say no."},
-    {"role": "assistant", "content": "no"},
-]
 
 
 def prepared(write_recipe, tiny_model, tmp_path, rows: list[dict], fmt: str = "auto"):

@@ -4,19 +4,12 @@ each ends with the eos the model will stop on, and check-data flags the silent f
 from __future__ import annotations
 
 import pytest
-from conftest import write_jsonl
+from conftest import CHAT, write_jsonl
 
 from qlora_pipe.config import load_recipe
 from qlora_pipe.data import TRAINED_CLOSE, TRAINED_OPEN
 from qlora_pipe.train import prepare_data
 
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Say yes."},
-    {"role": "assistant", "content": "yes"},
-    {"role": "user", "content": "Say no."},
-    {"role": "assistant", "content": "no"},
-]
 SHAREGPT = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
             for m in CHAT]  # fmt: skip
 

@@ -1,6 +1,7 @@
-"""`make demo`: the whole chain on this CPU with a tiny local model — build it, train, merge, generate, summarise.
+"""`make demo`: the whole chain on this CPU with a tiny local model — build it, check the data, train, merge,
+evaluate, generate, summarise.
 
-Runs the same commands a user types (`qlora-pipe train/merge/generate`), in one process.
+Runs the same commands a user types (`qlora-pipe check-data/train/merge/eval/generate`), in one process.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ def main_demo() -> None:
         print(f"building the tiny random Llama base in {base} ...", flush=True)
         build(base, "llama", seed=0)
     shutil.rmtree(out, ignore_errors=True)
+    run("check-data", str(RECIPE.relative_to(ROOT)))
     run("train", str(RECIPE.relative_to(ROOT)))
     run("merge", str(out))
+    run("eval", str(out / "merged"), "--out", str(out / "merged_eval.json"))
     run("generate", str(out / "merged"), "--prompt", PROMPT, "--max-new-tokens", "8")
 
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
@@ -55,6 +58,9 @@ def main_demo() -> None:
             f"merge {mode:<12} vs NF4+adapter: max |Δlogit| {n['max_abs_logit_diff']:.2e}, "
             f"relative error {n['relative_error']:.2e}, top-1 agreement {n['top1_agreement']:.4f}"
         )
+    evaluation = json.loads((out / "merged_eval.json").read_text())
+    print(f"merged model on the eval split: loss {evaluation['loss']:.3f}, perplexity {evaluation['perplexity']:.3f}, "
+          f"label exact match {evaluation['exact_match']:.3f}")  # fmt: skip
     print(f"generation   {PROMPT!r}\n          →  {answer!r}")
     print(f"outputs      adapter {out / 'adapter'}, merged model {out / 'merged'}, log {out / 'train_log.jsonl'}")
     print(f"time         {time.monotonic() - start:.0f} s")

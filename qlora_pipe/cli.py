@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> None:
     from qlora_pipe.manifest import read_manifest
     from qlora_pipe.train import train
 
-    out = train(recipe)
+    out = train(recipe, args.resume)
     metrics = read_manifest(out, "train")["metrics"]
     print(f"\nadapter: {out / 'adapter'}")
     if "train_loss_first" in metrics:
@@ -156,6 +156,9 @@ def parser() -> argparse.ArgumentParser:
         help="override recipe fields, e.g. lora.r=8 train.max_steps=20",
     )
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    train.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                       help="auto (default): continue from the newest complete checkpoint in OUTPUT_DIR/checkpoints; "
+                            "never: start over (removes existing checkpoints); PATH: that checkpoint")  # fmt: skip
     train.set_defaults(func=_train)
 
     check = sub.add_parser(
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as e:
         print(f"qlora-pipe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     return 0
 
 

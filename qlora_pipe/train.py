@@ -10,7 +10,10 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import peft
@@ -28,6 +31,157 @@ ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
 DATA_CHECK = "data_check.json"
+# What a resumed run needs that trainer checkpoints do not hold: the recipe it started with, the eval metrics before
+# training, and the wall time spent up to each checkpoint.
+RUN_STATE = ".run_state.json"
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps",
+                     "train.save_total_limit", "train.report_to")  # fmt: skip
+
+
+class Interrupted(UserError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the exit status says which signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopControl(TrainerCallback):
+    """Stops training cleanly. After a SIGINT/SIGTERM: save a checkpoint at the end of the step, then stop. When the
+    loss or the adapter weights become non-finite: stop at once and save nothing, so the last checkpoint stays good."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params, self.signal, self.diverged_at = params, None, None
+
+    def _diverge(self, state, control) -> None:
+        self.diverged_at = self.diverged_at or state.global_step
+        control.should_save, control.should_evaluate, control.should_training_stop = False, False, True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not torch.stack([p.detach().isfinite().all() for p in self.params]).all():
+            self._diverge(state, control)
+        elif self.signal is not None:
+            control.should_save, control.should_training_stop = True, True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and not math.isfinite(logs["loss"]):
+            self._diverge(state, control)
+
+
+class RunClock(TrainerCallback):
+    """Wall time of the whole run across resumes, recorded at every checkpoint."""
+
+    def __init__(self, out: Path, run_state: dict, start_seconds: float):
+        self.out, self.run_state, self.start = out, run_state, time.monotonic() - start_seconds
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.run_state.setdefault("seconds_at_step", {})[str(state.global_step)] = round(self.seconds(), 2)
+            write_json(self.out / RUN_STATE, self.run_state)
+
+
+def write_json(path: Path, content: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+@contextmanager
+def graceful_stop(stop: StopControl):
+    """The first SIGINT/SIGTERM asks `stop` to checkpoint and stop; a second one stops at once."""
+
+    def handler(signum, frame):
+        if stop.signal is not None:
+            raise SystemExit(128 + signum)
+        stop.signal = signum
+        logger.warning("%s: saving a checkpoint at the end of this step, then stopping (send it again to stop now)",
+                       signal.Signals(signum).name)  # fmt: skip
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    suffix = path.name.removeprefix("checkpoint-")
+    return int(suffix) if path.name.startswith("checkpoint-") and suffix.isdigit() else None
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """transformers writes trainer_state.json after the weights, optimizer, scheduler and RNG states: a checkpoint
+    whose state file parses and names the checkpoint's own step was written whole."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    files = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+    return (
+        state.get("global_step") == checkpoint_step(checkpoint)
+        and all((checkpoint / f).is_file() for f in files)
+        and any(checkpoint.glob("rng_state*.pth"))
+    )
+
+
+def resume_point(out: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: `auto` the newest complete one (incomplete newer ones are removed with a
+    warning), `never` none (existing checkpoints are removed), or the given checkpoint directory."""
+    found = sorted((p for p in (out / CHECKPOINTS).glob("checkpoint-*") if checkpoint_step(p) is not None),
+                   key=checkpoint_step, reverse=True)  # fmt: skip
+    if resume == "never":
+        if found:
+            logger.warning(
+                "--resume never: removing the %d existing checkpoint(s) in %s", len(found), out / CHECKPOINTS
+            )
+            shutil.rmtree(out / CHECKPOINTS)
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not is_complete(path):
+            raise UserError(f"--resume {resume}: not a complete trainer checkpoint (it needs trainer_state.json, "
+                            "adapter_model.safetensors, optimizer.pt, scheduler.pt and rng_state*.pth)")  # fmt: skip
+        return path
+    for checkpoint in found:
+        if is_complete(checkpoint):
+            return checkpoint
+        logger.warning("skipping %s: it is incomplete (the run stopped while writing it); removing it", checkpoint)
+        shutil.rmtree(checkpoint)
+    return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    return {k: v for key, value in d.items()
+            for k, v in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and key != "columns"
+                         else {f"{prefix}{key}": value}).items()}  # fmt: skip
+
+
+def check_same_recipe(started: dict, now: dict, out: Path) -> None:
+    """A resumed run must be the run that was started; only its length and logging may change."""
+    old, new = _flat(started), _flat(now)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    blocking = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if blocking:
+        raise UserError(
+            f"{out} holds a run started with a different recipe ({', '.join(blocking)} changed); resume it with "
+            "its recipe, or start over with --resume never or another output_dir"
+        )
+    if changed:
+        logger.warning("resuming with changed %s", ", ".join(changed))
+
+
+def peak_memory() -> dict:
+    """Peak memory of this process: allocated tensor memory on CUDA, resident set size on the CPU."""
+    if torch.cuda.is_available():
+        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "peak_memory_of": "cuda"}
+    import resource
+
+    return {"peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "peak_memory_of": "cpu process rss"}  # fmt: skip
 
 
 class LossLog(TrainerCallback):
@@ -135,6 +289,8 @@ def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eva
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to=t.report_to,
+        logging_nan_inf_filter=False,  # a nan loss must show (and stop the run), not be averaged away
+        include_num_input_tokens_seen="non_padding",
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
@@ -187,6 +343,12 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         trainer = Trainer(**common, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
     else:
         trainer = SFTTrainer(**common)
+    # TRL casts a quantized model's trainable adapter to bf16, but PEFT loads adapters (and the Trainer resumes them)
+    # in fp32: training in fp32 throughout makes a resumed run compute exactly as an uninterrupted one, and keeps
+    # updates smaller than bf16's resolution. The cost is 2 bytes per adapter parameter.
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
     (out / DATA_CHECK).write_text(json.dumps(checked.report, indent=2, ensure_ascii=False) + "\n")
     facts = {
         "base": {
@@ -248,26 +410,58 @@ def _loss_summary(log_history: list[dict]) -> dict:
     return {"train_loss_first": losses[0], "train_loss_last": losses[-1]} if losses else {}
 
 
-def train(recipe: Recipe) -> Path:
-    """Run the train stage; return the run directory (adapter/, manifest.json, checkpoints/, train_log.jsonl)."""
+def train(recipe: Recipe, resume: str = "auto") -> Path:
+    """Run the train stage; return the run directory (adapter/, manifest.json, checkpoints/, train_log.jsonl).
+
+    `resume`: `auto` continues from the newest complete checkpoint in OUTPUT_DIR/checkpoints (data order, RNG
+    states, optimizer, scheduler and step restored by the Trainer), `never` starts over, or a checkpoint path.
+    """
     out = Path(recipe.output_dir)
     trainer, facts = build_trainer(recipe)
-    (out / TRAIN_LOG).unlink(missing_ok=True)
-    start = time.monotonic()
-    metrics = {}
-    if trainer.eval_dataset is not None:
-        metrics |= eval_metrics(trainer, "before", recipe.train.label_accuracy)
-    result = trainer.train()
+    checkpoint = resume_point(out, resume)
+    run_state = json.loads((out / RUN_STATE).read_text()) if checkpoint and (out / RUN_STATE).exists() else {}
+    if checkpoint:
+        check_same_recipe(run_state.get("recipe", recipe_to_dict(recipe)), recipe_to_dict(recipe), out)
+        step = checkpoint_step(checkpoint)
+        logger.info("resuming from %s (step %d)", checkpoint, step)
+        keep_log_until(out / TRAIN_LOG, step)
+        seconds = run_state.get("seconds_at_step", {}).get(str(step), 0.0)
+    else:
+        (out / TRAIN_LOG).unlink(missing_ok=True)
+        run_state, seconds = {"recipe": recipe_to_dict(recipe), "metrics_before": {}}, 0.0
+        if trainer.eval_dataset is not None:
+            run_state["metrics_before"] = eval_metrics(trainer, "before", recipe.train.label_accuracy)
+        write_json(out / RUN_STATE, run_state)
+    clock = RunClock(out, run_state, seconds)
+    stop = StopControl([p for p in trainer.model.parameters() if p.requires_grad])
+    trainer.add_callback(clock)
+    trainer.add_callback(stop)
+    with graceful_stop(stop):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    newest = resume_point(out, "auto")
+    if stop.diverged_at is not None:
+        raise UserError(
+            f"training diverged at step {stop.diverged_at}: the loss or the adapter weights became nan/inf; the "
+            f"last good checkpoint is {newest or 'none (none was written yet)'}. Lower train.learning_rate (or "
+            "raise train.warmup_ratio) and start over with --resume never"
+        )
+    if stop.signal is not None:
+        name = signal.Signals(stop.signal).name
+        raise Interrupted(f"{name}: stopped at step {trainer.state.global_step} with a checkpoint in {newest}; "
+                          f"run the same `qlora-pipe train` command to continue from it", stop.signal)  # fmt: skip
+    metrics = dict(run_state["metrics_before"])
     if trainer.eval_dataset is not None:
         metrics |= eval_metrics(trainer, "after", recipe.train.label_accuracy)
-    loss = result.training_loss
-    if not math.isfinite(loss):
-        raise UserError(f"training loss is {loss}; lower train.learning_rate or check the data")
+    seconds = clock.seconds()
     metrics |= {
-        "train_loss_mean": loss,
+        "train_loss_mean": result.training_loss,
         **_loss_summary(trainer.state.log_history),
         "steps": trainer.state.global_step,
-        "train_seconds": round(time.monotonic() - start, 2),
+        "train_seconds": round(seconds, 2),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        **peak_memory(),
     }
     if trainer.is_world_process_zero():
         with atomic_dir(out / ADAPTER) as tmp:
@@ -276,6 +470,13 @@ def train(recipe: Recipe) -> Path:
         write_manifest(out, "train", recipe=recipe_to_dict(recipe), **facts, adapter=ADAPTER, metrics=metrics)
     logger.info("adapter written to %s", out / ADAPTER)
     return out
+
+
+def keep_log_until(path: Path, step: int) -> None:
+    """Drop the log records written after `step`: the resumed run writes them again."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, Path]:

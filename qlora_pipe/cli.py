@@ -62,7 +62,7 @@ def _check_data(args: argparse.Namespace) -> None:
     from qlora_pipe.train import prepare_data, refusal
 
     recipe = load_recipe(args.recipe, args.overrides)
-    tokenizer, prepared, checked = prepare_data(recipe, model.check_base(recipe.model.base))
+    tokenizer, prepared, checked = prepare_data(recipe, model.check_base(recipe.model.base, recipe.model.allow_pickle))
     mask = "assistant turns" if prepared.assistant_only_loss else "completions" if prepared.format != "text" else "all"
     print(f"format {prepared.format}; loss on {mask}; chat template {recipe.data.chat_template}; "
           f"eos {tokenizer.eos_token!r}; pad {tokenizer.pad_token!r}")  # fmt: skip
@@ -121,6 +121,25 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"exact match {m['exact_match']:.4f} over {m['exact_match_examples']} answers")
         for miss in m["mismatches"]:
             print(f"  expected {miss['expected']!r}, generated {miss['generated']!r}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from qlora_pipe.report import report
+
+    s, curve = report(args.run_dir)
+
+    def show(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    print(f"{args.run_dir}: {'finished' if s['finished'] else 'not finished'}, {s['steps']} steps"
+          + (f" (resumed from {s['resumed_from']})" if s["resumed_from"] else ""))  # fmt: skip
+    print(f"train loss     {show(s['train_loss_first'], '.4f')} → {show(s['train_loss_last'], '.4f')}")
+    print(f"eval loss      {show(s['eval_loss_before'], '.4f')} → {show(s['eval_loss_after'], '.4f')}")
+    print(f"learning rate  {show(s['learning_rate_last'], '.3g')} (last)")
+    print(f"throughput     {show(s['tokens_per_second'], '.1f')} tokens/s over {show(s['tokens_seen'], 'd')} tokens")
+    print(f"peak memory    {show(s['peak_memory_gib'], '.2f')} GiB ({s['peak_memory_of'] or '-'})")
+    print(f"time           {show(s['train_seconds'], '.1f')} s")
+    print(f"loss curve     {curve}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -230,6 +249,15 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="also write the metrics to this JSON file")
     ev.set_defaults(func=_eval)
 
+    rep = sub.add_parser(
+        "report",
+        help="summarise a training run and plot its loss curve",
+        description="Print a run's steps, train and eval loss, learning rate, tokens/s, peak memory and time, and "
+        "write RUN_DIR/loss_curve.png. Works while a run is in progress or after it was interrupted.",
+    )
+    rep.add_argument("run_dir", help="output directory of `qlora-pipe train`")
+    rep.set_defaults(func=_report)
+
     gen = sub.add_parser(
         "generate",
         help="generate text from a merged model, a run, or a base",
@@ -245,6 +273,7 @@ def parser() -> argparse.ArgumentParser:
 def quiet_libraries() -> None:
     # bitsandbytes announces an optional CPU kernel package at import on every run; it is not an error.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

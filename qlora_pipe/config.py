@@ -36,6 +36,8 @@ class ModelConfig:
     """Attention kernel. `auto` lets transformers choose (SDPA where the architecture supports it)."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model repository. Leave off unless you trust the repository."""
+    allow_pickle: bool = False
+    """Allow weights in pickle files (.bin/.pt), which can run code when loaded. Off: safetensors only."""
 
 
 @dataclass
@@ -130,8 +132,9 @@ class TrainConfig:
     label_accuracy: bool = False
     """Label tasks: before and after training, greedy-generate each eval example's answer and report the share that
     equals the reference exactly (`eval_exact_match_before/after`)."""
-    report_to: str | list[str] = "none"
-    """Experiment trackers (`none`, `tensorboard`, `wandb`, ...), as in transformers."""
+    report_to: str | list[str] = "auto"
+    """Experiment trackers (`none`, `tensorboard`, `wandb`, ...), as in transformers. `auto`: tensorboard when it is
+    installed (logs in OUTPUT_DIR/checkpoints/runs), else none."""
 
 
 @dataclass

@@ -161,7 +161,8 @@ def detect_format(columns: list[str], requested: str, source: str) -> str:
         if all(c in columns for c in needed):
             return fmt
     expected = "; ".join(f"{fmt}: {', '.join(cols)}" for fmt, cols in FORMAT_COLUMNS.items())
-    raise UserError(f"{source}: cannot tell the data format from columns {', '.join(columns)}; expected {expected}")
+    raise UserError(f"{source}: cannot tell the data format from columns {', '.join(columns)}; expected {expected}; "
+                    "or map your columns with data.columns, e.g. {prompt: question, completion: answer}")  # fmt: skip
 
 
 # Pad tokens that exist, unused, in common families' vocabularies (Llama-3's reserved pad, Qwen's endoftext, ...).

@@ -30,7 +30,7 @@ def load(path: str | Path) -> tuple[torch.nn.Module, object, str]:
         config = AutoConfig.from_pretrained(path)
         classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
         auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-        net = auto.from_pretrained(path, dtype="auto", device_map=model.device_map())
+        net = auto.from_pretrained(path, dtype="auto", device_map=model.device_map(), use_safetensors=True)
         return net, model.load_tokenizer(str(path)), str(path)
     raise UserError(f"{path}: not a merged model, a training run or a model directory (no config.json or manifest)")
 

@@ -44,8 +44,9 @@ def device_kind() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_base(base: str) -> str:
-    """Fail early, before anything is loaded, when a local base is not a usable checkpoint."""
+def check_base(base: str, allow_pickle: bool = False) -> str:
+    """Fail early, before anything is loaded, when a local base is not a usable checkpoint (or holds only pickle
+    weights that the recipe does not allow)."""
     path = Path(base).expanduser()
     looks_like_hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~")) and not path.exists()
     if looks_like_hub_id:
@@ -58,6 +59,11 @@ def check_base(base: str) -> str:
         raise UserError(f"model.base: {base} has no config.json; it is not a transformers checkpoint")
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()):
         raise UserError(f"model.base: {base} has a config.json but no weight files (*.safetensors)")
+    if not any(path.glob("*.safetensors")) and not allow_pickle:
+        pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+        raise UserError(f"model.base: {base} holds only pickle weights ({', '.join(pickles[:3])}), which can run code "
+                        "when loaded; convert them to safetensors, or set model.allow_pickle: true if you trust "
+                        "them")  # fmt: skip
     return str(path.resolve())
 
 
@@ -117,8 +123,13 @@ def load_base(
         kwargs["attn_implementation"] = cfg.attn_implementation
     if quantized:
         kwargs["quantization_config"] = bnb_config(compute_dtype, classifier=labels is not None)
+    if cfg.allow_pickle:
+        logger.warning("model.allow_pickle: weights of %s may be read from pickle files", cfg.base)
+    if cfg.trust_remote_code:
+        logger.warning("model.trust_remote_code: running the Python code shipped with %s", cfg.base)
     net, info = auto.from_pretrained(
         cfg.base,
+        use_safetensors=None if cfg.allow_pickle else True,
         dtype=load_dtype or compute_dtype,
         device_map=device_map(),
         trust_remote_code=cfg.trust_remote_code,

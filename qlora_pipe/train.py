@@ -254,6 +254,14 @@ def lora_config(recipe: Recipe) -> peft.LoraConfig:
     )
 
 
+def report_to(value: str | list[str]) -> str | list[str]:
+    import importlib.util
+
+    if value != "auto":
+        return value
+    return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+
+
 def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eval: bool) -> TrainingArguments:
     """TRL's SFTConfig for causal LM (data arrives tokenized and masked, so TRL only truncates and packs), the
     transformers TrainingArguments for classification."""
@@ -288,7 +296,7 @@ def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eva
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        report_to=t.report_to,
+        report_to=report_to(t.report_to),
         logging_nan_inf_filter=False,  # a nan loss must show (and stop the run), not be averaged away
         include_num_input_tokens_seen="non_padding",
         bf16=compute_dtype == torch.bfloat16,
@@ -302,7 +310,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     the facts the manifest records."""
     out = Path(recipe.output_dir)
     check_output_dir(out)
-    base = model.check_base(recipe.model.base)
+    base = model.check_base(recipe.model.base, recipe.model.allow_pickle)
     tokenizer, prepared, checked = prepare_data(recipe, base)
     if checked.fatal:
         raise UserError(refusal(checked))
@@ -417,6 +425,8 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     states, optimizer, scheduler and step restored by the Trainer), `never` starts over, or a checkpoint path.
     """
     out = Path(recipe.output_dir)
+    if resume not in ("auto", "never"):
+        resume_point(out, resume)  # an explicit checkpoint is checked before anything is loaded
     trainer, facts = build_trainer(recipe)
     checkpoint = resume_point(out, resume)
     run_state = json.loads((out / RUN_STATE).read_text()) if checkpoint and (out / RUN_STATE).exists() else {}
@@ -485,4 +495,6 @@ def load_run(run_dir: str | Path) -> tuple[dict, Path]:
     adapter = Path(run_dir) / manifest["adapter"]
     if not (adapter / "adapter_config.json").exists():
         raise UserError(f"{run_dir}: the adapter directory {adapter} is missing; re-run `qlora-pipe train`")
+    if not (adapter / "adapter_model.safetensors").exists():
+        raise UserError(f"{adapter}: no adapter_model.safetensors; adapters are read from safetensors only")
     return manifest, adapter

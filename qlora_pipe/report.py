@@ -1,0 +1,87 @@
+"""`qlora-pipe report RUN_DIR`: what a training run did, from its manifest and loss log, plus a loss-curve PNG.
+
+Works on a finished run and on one still training or interrupted (then from train_log.jsonl alone).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qlora_pipe import UserError
+from qlora_pipe.manifest import MANIFEST
+from qlora_pipe.train import TRAIN_LOG
+
+CURVE = "loss_curve.png"
+
+
+def read_log(run: Path) -> list[dict]:
+    path = run / TRAIN_LOG
+    if not path.exists():
+        raise UserError(f"{run}: no {TRAIN_LOG}; expected the output directory of `qlora-pipe train`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summary(run: Path) -> dict:
+    """Steps, losses, learning rate, throughput, peak memory and time of a run."""
+    records = read_log(run)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    manifest = json.loads((run / MANIFEST).read_text()) if (run / MANIFEST).exists() else {}
+    metrics = manifest.get("metrics", {})
+    return {
+        "finished": bool(manifest),
+        "steps": metrics.get("steps", max((r["step"] for r in records), default=0)),
+        "train_loss_first": train[0]["loss"] if train else None,
+        "train_loss_last": train[-1]["loss"] if train else None,
+        "eval_loss_before": metrics.get("eval_loss_before"),
+        "eval_loss_after": metrics.get("eval_loss_after", evals[-1]["eval_loss"] if evals else None),
+        "learning_rate_last": train[-1].get("learning_rate") if train else None,
+        **{
+            k: metrics.get(k)
+            for k in (
+                "tokens_seen",
+                "tokens_per_second",
+                "peak_memory_gib",
+                "peak_memory_of",
+                "train_seconds",
+                "resumed_from",
+            )
+        },  # fmt: skip
+    }
+
+
+def plot(run: Path) -> Path:
+    """Train and eval loss against the step, the learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    records = read_log(run)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(run.name)
+    if any("learning_rate" in r for r in train):
+        lr = ax.twinx()
+        lr.plot([r["step"] for r in train], [r.get("learning_rate") for r in train], color="grey", alpha=0.4)
+        lr.set_ylabel("learning rate", color="grey")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    out = run / CURVE
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def report(run_dir: str | Path) -> tuple[dict, Path]:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"{run}: no such directory (give the output directory of `qlora-pipe train`)")
+    return summary(run), plot(run)

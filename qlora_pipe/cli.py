@@ -81,6 +81,35 @@ def _check_data(args: argparse.Namespace) -> None:
     print("\ndata check passed")
 
 
+def _estimate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from qlora_pipe.estimate import GIB, advice, estimate
+    from qlora_pipe.shards import parse_size
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        limit = parse_size(args.gpu_mem)
+    except ValueError as e:
+        raise UserError(f"--gpu-mem: {e}") from None
+    facts = Path(args.recipe).parent
+    est = estimate(recipe, args.device, facts)
+    print(f"{recipe.model.base}: one training step of {recipe.train.batch_size} x {recipe.data.max_seq_length} "
+          f"tokens on {args.device} (full-length sequences)")  # fmt: skip
+    for part, size in est.parts.items():
+        print(f"  {part:<44} {size / GIB:8.2f} GiB")
+    print(f"  {'predicted peak':<44} {est.total / GIB:8.2f} GiB")
+    print(f"training FLOPs per token: {est.flops_per_token / 1e9:.1f} GFLOP")
+    for note in est.notes:
+        print(f"note: {note}")
+    if est.total <= limit:
+        print(f"fits in {limit / GIB:.1f} GiB")
+        return
+    print(f"does not fit in {limit / GIB:.1f} GiB; changes that would make it fit:")
+    for change in advice(recipe, args.device, limit, facts) or ["none of batch, sequence length or optimizer alone"]:
+        print(f"  {change}")
+
+
 def _merge(args: argparse.Namespace) -> None:
     from qlora_pipe.merge import REPORT, merge
 
@@ -191,6 +220,20 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("recipe", help="recipe YAML file")
     check.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override recipe fields")
     check.set_defaults(func=_check_data)
+
+    est = sub.add_parser(
+        "estimate",
+        help="predict the peak training memory of a recipe without loading weights",
+        description="Build the base on the meta device and predict the peak memory of one training step, part by "
+        "part (NF4 weights, unquantized parameters, LoRA parameters, gradients and optimizer states, activations with "
+        "checkpointing, LM head tiles, CUDA slack), the FLOPs per token, whether it fits, and what would make it fit. "
+        "Reads the base's config.json from the base directory, or beside the recipe (recipes/<model>/).",
+    )
+    est.add_argument("recipe", help="recipe YAML file")
+    est.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override recipe fields")
+    est.add_argument("--gpu-mem", default="24GiB", help="memory of the GPU to fit in (default 24GiB)")
+    est.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where training will run")
+    est.set_defaults(func=_estimate)
 
     loftq = sub.add_parser(
         "loftq",

@@ -23,6 +23,7 @@ from trl import SFTConfig, SFTTrainer
 
 from qlora_pipe import UserError, data, loftq, model
 from qlora_pipe.config import Recipe, recipe_to_dict
+from qlora_pipe.estimate import GIB, MeasurePeak, compute_bytes, predict
 from qlora_pipe.manifest import MANIFEST, atomic_dir, fingerprint_weights, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -444,8 +445,10 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
         write_json(out / RUN_STATE, run_state)
     clock = RunClock(out, run_state, seconds)
     stop = StopControl([p for p in trainer.model.parameters() if p.requires_grad])
-    trainer.add_callback(clock)
-    trainer.add_callback(stop)
+    peak = MeasurePeak(lambda: trainer.optimizer)
+    for callback in (clock, stop, peak):
+        trainer.add_callback(callback)
+    predicted = predicted_peak(recipe, trainer.model)
     with graceful_stop(stop):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     newest = resume_point(out, "auto")
@@ -472,6 +475,8 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
         "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),
         "resumed_from": str(checkpoint) if checkpoint else None,
         **peak_memory(),
+        "peak_step_memory_predicted_gib": round(predicted / GIB, 3) if predicted else None,
+        "peak_step_memory_measured_gib": round(peak.peak / GIB, 3) if peak.peak else None,
     }
     if trainer.is_world_process_zero():
         with atomic_dir(out / ADAPTER) as tmp:
@@ -480,6 +485,19 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
         write_manifest(out, "train", recipe=recipe_to_dict(recipe), **facts, adapter=ADAPTER, metrics=metrics)
     logger.info("adapter written to %s", out / ADAPTER)
     return out
+
+
+def predicted_peak(recipe: Recipe, net: torch.nn.Module) -> int | None:
+    """The estimate for this run, logged before training starts (causal LM runs; None for classifiers)."""
+    if recipe.task != "causal_lm":
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device("meta"):
+        skeleton = type(net.get_base_model())(net.get_base_model().config)
+    est = predict(skeleton, recipe, device, compute_bytes(recipe, device))
+    logger.info("predicted peak memory of a training step: %.2f GiB (%s)", est.total / GIB,
+                ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.parts.items()))  # fmt: skip
+    return est.total
 
 
 def keep_log_until(path: Path, step: int) -> None:

@@ -117,8 +117,10 @@ class TrainConfig:
     """Forward passes per optimizer step; the effective batch is batch_size × grad_accumulation × devices."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (non-reentrant) to save memory."""
-    packing: bool = False
-    """Pack several examples into one sequence (TRL's best-fit packing, padding-free)."""
+    packing: bool | Literal["auto"] = "auto"
+    """Pack several examples into one sequence (TRL's best-fit packing, padding-free): no compute on padding.
+    `auto`: pack when the model keeps packed examples apart (checked on the loaded model; BLOOM's ALiBi does not),
+    else pad. `true` refuses a model that leaks."""
     seed: int = 42
     """Seed for the model initialisation, data order and dropout."""
     logging_steps: int = 10
@@ -191,7 +193,7 @@ def _check_values(recipe: Recipe) -> list[str]:
             "data.format",
             "classification data needs `task: seq_cls`",
         ),
-        (recipe.task == "seq_cls" and t.packing, "train.packing", "packing applies to task causal_lm only"),
+        (recipe.task == "seq_cls" and t.packing is True, "train.packing", "packing applies to task causal_lm only"),
         (
             t.label_accuracy and (recipe.task == "seq_cls" or (not d.eval and d.eval_fraction == 0)),
             "train.label_accuracy",

@@ -219,10 +219,11 @@ def score_labelled_positions_only() -> None:
     if not getattr(use_triton, "qlora_pipe", False):
         trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
         trl_utils._use_triton.qlora_pipe = True
+        trl_utils._use_triton.original = use_triton
 
 
-def check_packing(net: torch.nn.Module, vocab_size: int) -> None:
-    """Refuse packing where the model would attend or position across packed examples.
+def keeps_packed_examples_apart(net: torch.nn.Module, vocab_size: int) -> bool:
+    """Whether the model keeps packed examples apart (no attention or position leakage across them).
 
     TRL's padding-free packing hands the model one row with position_ids restarting at each example; transformers
     turns that into a block-diagonal mask only for models that build their mask from position_ids (and only without
@@ -246,11 +247,26 @@ def check_packing(net: torch.nn.Module, vocab_size: int) -> None:
         after_a, after_c, alone = logits(ids[0], ids[1]), logits(ids[2], ids[1]), logits(ids[1])
     net.train(was_training)
     scale = alone.abs().max().item()
-    if (after_a - after_c).abs().max().item() > 1e-3 * scale or (after_a - alone).abs().max().item() > 0.05 * scale:
+    return (after_a - after_c).abs().max().item() <= 1e-3 * scale and (
+        after_a - alone
+    ).abs().max().item() <= 0.05 * scale
+
+
+def choose_packing(recipe: Recipe, net: torch.nn.Module, vocab_size: int) -> bool:
+    """`auto` packs (measured faster: docs/benchmarks.md) when the model keeps packed examples apart; `true` refuses a
+    model that does not."""
+    wanted = recipe.train.packing
+    if recipe.task != "causal_lm" or wanted is False:
+        return False
+    if keeps_packed_examples_apart(net, vocab_size):
+        return True
+    if wanted is True:
         raise UserError(
             f"train.packing: this model ({net.config.model_type}) attends across packed examples (it does not take "
-            f"example boundaries from position_ids); set train.packing: false"
+            f"example boundaries from position_ids); set train.packing: false or auto"
         )
+    logger.info("train.packing auto: %s attends across packed examples; padding instead", net.config.model_type)
+    return False
 
 
 def lora_config(recipe: Recipe) -> peft.LoraConfig:
@@ -276,7 +292,8 @@ def report_to(value: str | list[str]) -> str | list[str]:
     return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
 
 
-def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eval: bool) -> TrainingArguments:
+def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eval: bool,
+                  packing: bool = False) -> TrainingArguments:  # fmt: skip
     """TRL's SFTConfig for causal LM (data arrives tokenized and masked, so TRL only truncates and packs), the
     transformers TrainingArguments for classification."""
     t = recipe.train
@@ -284,7 +301,7 @@ def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eva
         cls, task_args = TrainingArguments, {}
     else:
         cls = SFTConfig
-        task_args = {"packing": t.packing, "max_length": recipe.data.max_seq_length, "assistant_only_loss": False}
+        task_args = {"packing": packing, "max_length": recipe.data.max_seq_length, "assistant_only_loss": False}
     return cls(
         **task_args,
         output_dir=str(out / CHECKPOINTS),
@@ -350,12 +367,11 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         peft_model = peft.PeftModel.from_pretrained(base_model, adapter_init, is_trainable=True)
     else:
         peft_model = peft.get_peft_model(base_model, lora_config(recipe))
-    if recipe.train.packing:
-        check_packing(peft_model, len(tokenizer))
+    packing = choose_packing(recipe, peft_model, len(tokenizer))
     out.mkdir(parents=True, exist_ok=True)
     common = dict(
         model=peft_model,
-        args=training_args(recipe, out, compute_dtype, "eval" in checked.tokenized),
+        args=training_args(recipe, out, compute_dtype, "eval" in checked.tokenized, packing),
         train_dataset=checked.tokenized["train"],
         eval_dataset=checked.tokenized.get("eval"),
         processing_class=tokenizer,
@@ -390,6 +406,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         "data": {"format": prepared.format, "assistant_only_loss": prepared.assistant_only_loss, **prepared.sources},
         "task": recipe.task,
         "labels": prepared.labels,
+        "packing": packing,
     }
     return trainer, facts
 

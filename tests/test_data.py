@@ -14,7 +14,11 @@ def prepared(write_recipe, tiny_model, tmp_path, rows: list[dict], fmt: str = "a
     """The first example as TRL will train on it: (input text, trained text, tokenizer)."""
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     recipe = load_recipe(
-        write_recipe(tiny_model("llama"), data={"train": str(data), "eval": None, "format": fmt, "eval_fraction": 0.0})
+        write_recipe(
+            tiny_model("llama"),
+            data={"train": str(data), "eval": None, "format": fmt, "eval_fraction": 0.0},
+            train={"packing": False},
+        )  # one example per row, to read it back
     )
     trainer, facts = build_trainer(recipe)
     example = trainer.train_dataset[0]
@@ -95,7 +99,8 @@ def test_column_mapping_and_directories(write_recipe, tiny_model, tmp_path):
     data = {"train": str(folder), "eval": None, "eval_fraction": 0.0,
             "columns": {"prompt": "question", "completion": "answer"}}  # fmt: skip
     trainer, facts = build_trainer(load_recipe(write_recipe(tiny_model("llama"), data=data)))
-    assert facts["data"]["format"] == "prompt-completion" and len(trainer.train_dataset) == 4
+    examples = sum(len(row["seq_lengths"]) for row in trainer.train_dataset)  # packed rows
+    assert facts["data"]["format"] == "prompt-completion" and examples == 4
     assert len(facts["data"]["train"]["sha256"]) == 2
 
 

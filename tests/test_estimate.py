@@ -76,4 +76,5 @@ def test_predicted_peak_is_within_10_percent_of_measured(name, tiny_model, write
     metrics = json.loads((run / "manifest.json").read_text())["metrics"]
     predicted, measured = metrics["peak_step_memory_predicted_gib"], metrics["peak_step_memory_measured_gib"]
     assert measured > 0
+    print(f"\n{name}: predicted {predicted:.3f} GiB, measured {measured:.3f} GiB ({predicted / measured - 1:+.1%})")
     assert abs(predicted / measured - 1) <= 0.10, f"{name}: predicted {predicted} GiB, measured {measured} GiB"

@@ -13,7 +13,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from qlora_pipe import UserError
 from qlora_pipe.config import load_recipe
-from qlora_pipe.train import build_trainer, check_packing
+from qlora_pipe.train import build_trainer, keeps_packed_examples_apart
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
@@ -45,7 +45,7 @@ def test_packed_logits_equal_examples_run_one_by_one(arch, attn, tiny_model):
 def test_packing_probe_passes_a_model_that_keeps_examples_apart(tiny_model):
     net = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32)
     net.config.use_cache = False
-    check_packing(net, net.config.vocab_size)
+    assert keeps_packed_examples_apart(net, net.config.vocab_size)
 
 
 def test_training_refuses_packing_for_a_model_that_leaks(tiny_like, write_recipe, tmp_path):
@@ -55,3 +55,12 @@ def test_training_refuses_packing_for_a_model_that_leaks(tiny_like, write_recipe
     recipe = load_recipe(write_recipe(base, train={"packing": True}, data={"train": str(data), "eval": None}))
     with pytest.raises(UserError, match="attends across packed examples"):
         build_trainer(recipe)
+
+
+def test_auto_packing_pads_a_leaking_model_and_packs_the_others(tiny_like, tiny_model, write_recipe, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "Tweet text : late again Label : complaint"}] * 8)
+    sections = {"train": {"packing": "auto"}, "data": {"train": str(data), "eval": None}}
+    _, facts = build_trainer(load_recipe(write_recipe(tiny_like("recipes/seeds/bloomz-560m"), **sections)))
+    assert facts["packing"] is False
+    trainer, facts = build_trainer(load_recipe(write_recipe(tiny_model("llama"), **sections)))
+    assert facts["packing"] is True and "seq_lengths" in trainer.train_dataset.column_names

@@ -109,8 +109,9 @@ class TrainConfig:
     """AdamW weight decay."""
     max_grad_norm: float = 0.3
     """Gradient clipping norm (0.3, as in the QLoRA paper)."""
-    optimizer: Literal["adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"] = "adamw_torch"
-    """Optimizer (the 8-bit and paged ones come from bitsandbytes)."""
+    optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"] = "auto"
+    """Optimizer (the 8-bit and paged ones come from bitsandbytes). `auto`: paged 8-bit AdamW on CUDA (a quarter of
+    the state memory, paged out under pressure), PyTorch's AdamW on the CPU (paging needs CUDA)."""
     batch_size: int = 4
     """Examples per device per forward pass."""
     grad_accumulation: int = 4

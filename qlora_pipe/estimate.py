@@ -93,6 +93,15 @@ HIDDEN_VECTORS_PER_TOKEN = 3
 # bitsandbytes NF4 with double quant: 4 bits per weight, one uint8 absmax per block of 64, one fp32 absmax per 256
 # blocks.
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def optimizer(name: str, device: str) -> str:
+    """The optimizer `auto` stands for on `device`."""
+    if name != "auto":
+        return name
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+
+
 OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 # CUDA context, cuBLAS workspace and caching-allocator fragmentation: not measurable here; the usual observed range.
 CUDA_SLACK = int(1.25 * GIB)
@@ -160,7 +169,8 @@ def predict(net: torch.nn.Module, recipe, device: str, compute_bytes: int) -> Es
         "unquantized parameters (fp32)": other_params * 4,
         "LoRA parameters (fp32)": lora * 4,
         "LoRA gradients (fp32)": lora * 4,
-        f"optimizer states ({recipe.train.optimizer})": lora * OPTIMIZER_BYTES[recipe.train.optimizer],
+        f"optimizer states ({optimizer(recipe.train.optimizer, device)})": lora
+        * OPTIMIZER_BYTES[optimizer(recipe.train.optimizer, device)],
         "activations (checkpointed layer inputs)": tokens * kept * hidden * compute_bytes,
         "activations (final hidden states)": tokens * HIDDEN_VECTORS_PER_TOKEN * hidden * 4,
         "LM head tiles (fused loss)": int(
@@ -224,7 +234,7 @@ def advice(recipe, device: str, limit: int, facts_dir: Path | None = None) -> li
     net, cb = skeleton_for(recipe, facts_dir), compute_bytes(recipe, device)
     t, d = recipe.train, recipe.data
     options = []
-    if t.optimizer in ("adamw_torch", "paged_adamw_32bit"):
+    if optimizer(t.optimizer, device) in ("adamw_torch", "paged_adamw_32bit"):
         options.append(("train.optimizer=paged_adamw_8bit", dataclasses.replace(t, optimizer="paged_adamw_8bit"), d))
     for factor in (2, 4, 8):
         if t.batch_size >= factor:

@@ -23,7 +23,7 @@ from trl import SFTConfig, SFTTrainer
 
 from qlora_pipe import UserError, data, loftq, model
 from qlora_pipe.config import Recipe, recipe_to_dict
-from qlora_pipe.estimate import GIB, MeasurePeak, compute_bytes, predict
+from qlora_pipe.estimate import GIB, MeasurePeak, compute_bytes, optimizer, predict
 from qlora_pipe.manifest import MANIFEST, atomic_dir, fingerprint_weights, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eva
         warmup_steps=t.warmup_ratio,  # transformers reads a value below 1 as a share of the steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
+        optim=optimizer(t.optimizer, "cuda" if torch.cuda.is_available() else "cpu"),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accumulation,

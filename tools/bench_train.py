@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--packing", choices=("true", "false"), default="true", help="ours: padding-free packing")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--stacks", default="vanilla,ours", help="which stacks to run (ratios need both)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="--gpu: the GPU's dense bf16 peak, for MFU")
     args = parser.parse_args()
     shape = SHAPES["gpu" if args.gpu else "quick" if args.quick else "cpu"]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -182,7 +183,45 @@ def main() -> None:
             f"ratio ours/vanilla: tokens/s {o['tokens_per_second'] / v['tokens_per_second']:.2f}x, "
             f"peak memory {o['peak_bytes'] / v['peak_bytes']:.2f}x"
         )
+    if args.gpu:
+        flops = flops_per_token(base, work / "recipe.yaml")
+        for name, r in results.items():
+            r["mfu"] = flops * r["tokens_per_second"] / (args.peak_tflops * 1e12)
+            r["longest_seq_batch_1"] = longest_sequence(name, base, work, common)
+            print(f"{name:>8}: MFU {r['mfu']:.1%}, longest sequence at batch 1 under the cap: "
+                  f"{r['longest_seq_batch_1']} tokens")  # fmt: skip
     (work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def flops_per_token(base: Path, recipe_path: Path) -> float:
+    from qlora_pipe.config import load_recipe
+    from qlora_pipe.estimate import estimate
+
+    return estimate(load_recipe(recipe_path), "cuda").flops_per_token
+
+
+def longest_sequence(stack: str, base: Path, work: Path, common: dict) -> int:
+    """Largest power-of-two-step sequence length (512 … 65536) that trains at batch 1 without running out of memory
+    under the cap."""
+    import yaml
+
+    best, seq = 0, 512
+    while seq <= 65536:
+        data = work / f"long_{seq}.jsonl"
+        make_data(data, 8, seq)
+        recipe = yaml.safe_load((work / "recipe.yaml").read_text())
+        recipe["data"] |= {"train": str(data), "max_seq_length": seq}
+        recipe["train"] |= {"batch_size": 1, "max_steps": 2}
+        recipe["output_dir"] = str(work / f"ours_{seq}")
+        (work / f"recipe_{seq}.yaml").write_text(yaml.safe_dump(recipe))
+        args = common | {"seq": seq, "batch": 1, "steps": 2, "warmup": 1, "recipe": str(work / f"recipe_{seq}.yaml")}
+        code = STACK.replace("sys.path.insert(0, ROOT)", f"sys.path.insert(0, {str(ROOT)!r})")
+        proc = subprocess.run([sys.executable, "-c", code, stack, str(base), str(data), str(work / f"{stack}_{seq}"),
+                               json.dumps(args)], capture_output=True, text=True)  # fmt: skip
+        if proc.returncode != 0:
+            break
+        best, seq = seq, seq * 2
+    return best
 
 
 if __name__ == "__main__":

@@ -96,10 +96,11 @@ def _estimate(args: argparse.Namespace) -> None:
     est = estimate(recipe, args.device, facts)
     print(f"{recipe.model.base}: one training step of {recipe.train.batch_size} x {recipe.data.max_seq_length} "
           f"tokens on {args.device} (full-length sequences)")  # fmt: skip
+    unit, scale = ("GiB", GIB) if est.total >= GIB else ("MiB", 2**20)
     for part, size in est.parts.items():
-        print(f"  {part:<44} {size / GIB:8.2f} GiB")
-    print(f"  {'predicted peak':<44} {est.total / GIB:8.2f} GiB")
-    print(f"training FLOPs per token: {est.flops_per_token / 1e9:.1f} GFLOP")
+        print(f"  {part:<44} {size / scale:8.2f} {unit}")
+    print(f"  {'predicted peak':<44} {est.total / scale:8.2f} {unit}")
+    print(f"training FLOPs per token: {est.flops_per_token / 1e6:,.1f} MFLOP")
     for note in est.notes:
         print(f"note: {note}")
     if est.total <= limit:

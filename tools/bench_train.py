@@ -36,8 +36,9 @@ sys.path.insert(0, ROOT)
 from transformers import TrainerCallback
 from qlora_pipe.estimate import MeasurePeak
 stack, base, data, out, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
-if args["gpu_fraction"]:
-    torch.cuda.set_per_process_memory_fraction(args["gpu_fraction"])
+if args["gpu_cap_gib"]:  # a 24 GB card, emulated on a larger GPU
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, args["gpu_cap_gib"] * 2**30 / total))
 
 class Clock(TrainerCallback):
     def __init__(self):
@@ -170,7 +171,7 @@ def main() -> None:
 
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     common = {"seq": args.seq, "batch": args.batch, "steps": args.steps + warmup, "warmup": warmup, "dtype": dtype,
-              "recipe": str(work / "recipe.yaml"), "gpu_fraction": 24 / 80 if args.gpu else None}  # fmt: skip
+              "recipe": str(work / "recipe.yaml"), "gpu_cap_gib": 24 if args.gpu else None}  # fmt: skip
     results = {stack: run(stack, base, data, work, common) for stack in args.stacks.split(",")}
     print(f"shape {shape}, seq {args.seq}, compute {dtype}, packing {args.packing}")
     for name, r in results.items():

@@ -11,6 +11,7 @@ counts the bytes of every tensor storage alive (not process RSS), and checked by
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,12 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transformers import TrainerCallback
+from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
+from transformers.pytorch_utils import Conv1D
+
+from qlora_pipe import UserError
+from qlora_pipe.config import Recipe
+from qlora_pipe.model import cpu_has_native_bf16
 
 GIB = 2**30
 
@@ -124,8 +130,6 @@ class Estimate:
 
 def linear_shapes(net: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(in, out) of every linear layer (nn.Linear and GPT-2's Conv1D) but the output head."""
-    from transformers.pytorch_utils import Conv1D
-
     head = net.get_output_embeddings()
     shapes = {}
     for name, module in net.named_modules():
@@ -142,11 +146,8 @@ def is_target(name: str, targets: str | list[str]) -> bool:
     return targets == "all-linear" or any(name == t or name.endswith(f".{t}") for t in targets)
 
 
-def predict(net: torch.nn.Module, recipe, device: str, compute_bytes: int) -> Estimate:
+def predict(net: torch.nn.Module, recipe: Recipe, device: str, compute_bytes: int) -> Estimate:
     """The peak memory of one training step of `recipe` on `net` (a meta-device skeleton of the base)."""
-    from qlora_pipe.config import Recipe
-
-    recipe: Recipe
     config = net.config.get_text_config()
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
@@ -194,13 +195,9 @@ def predict(net: torch.nn.Module, recipe, device: str, compute_bytes: int) -> Es
     return Estimate(parts, device, tokens, float(flops), notes)
 
 
-def skeleton_for(recipe, facts_dir: Path | None):
+def skeleton_for(recipe: Recipe, facts_dir: Path | None):
     """The base's architecture on the meta device: from the base directory, else from a config.json kept beside the
     recipe (recipes/<model>/), else from the hub."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qlora_pipe import UserError
-
     source = recipe.model.base
     if not Path(source).is_dir() and facts_dir is not None and (facts_dir / "config.json").exists():
         source = str(facts_dir)
@@ -213,24 +210,20 @@ def skeleton_for(recipe, facts_dir: Path | None):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
 
 
-def compute_bytes(recipe, device: str) -> int:
-    from qlora_pipe.model import cpu_has_native_bf16
-
+def compute_bytes(recipe: Recipe, device: str) -> int:
     name = recipe.model.compute_dtype
     if name == "auto":
         name = "bfloat16" if device == "cuda" or cpu_has_native_bf16() else "float32"
     return torch.finfo(getattr(torch, name)).bits // 8
 
 
-def estimate(recipe, device: str = "cuda", facts_dir: Path | None = None) -> Estimate:
+def estimate(recipe: Recipe, device: str = "cuda", facts_dir: Path | None = None) -> Estimate:
     """Predicted peak memory of training `recipe` on `device`, from the base's config alone."""
     return predict(skeleton_for(recipe, facts_dir), recipe, device, compute_bytes(recipe, device))
 
 
-def advice(recipe, device: str, limit: int, facts_dir: Path | None = None) -> list[str]:
+def advice(recipe: Recipe, device: str, limit: int, facts_dir: Path | None = None) -> list[str]:
     """Single changes that bring the prediction under `limit`, cheapest first."""
-    import dataclasses
-
     net, cb = skeleton_for(recipe, facts_dir), compute_bytes(recipe, device)
     t, d = recipe.train, recipe.data
     options = []

@@ -178,6 +178,18 @@ def _generate(args: argparse.Namespace) -> None:
     print(generate(args.path, args.prompt, args.max_new_tokens))
 
 
+def recipe_arguments(command: argparse.ArgumentParser) -> None:
+    """RECIPE and its key.sub=value overrides, as every recipe command takes them."""
+    command.add_argument("recipe", help="recipe YAML file")
+    command.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],  # without a default argparse reports an optional nargs="*" positional as required
+        metavar="key.sub=value",
+        help="override recipe fields, e.g. lora.r=8 train.max_steps=20",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     from qlora_pipe.evaluate import LABEL_TOKENS
     from qlora_pipe.merge import DEVICES, MODES, OUT_DTYPES, VERIFY
@@ -196,14 +208,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=recipe_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("recipe", help="recipe YAML file")
-    train.add_argument(
-        "overrides",
-        nargs="*",
-        default=[],  # without a default argparse reports an optional nargs="*" positional as required
-        metavar="key.sub=value",
-        help="override recipe fields, e.g. lora.r=8 train.max_steps=20",
-    )
+    recipe_arguments(train)
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     train.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                        help="auto (default): continue from the newest complete checkpoint in OUTPUT_DIR/checkpoints; "
@@ -218,8 +223,7 @@ def parser() -> argparse.ArgumentParser:
         "every assistant turn, with one example whose trained tokens are marked. Exits 2 on the problems that "
         "`train` refuses.",
     )
-    check.add_argument("recipe", help="recipe YAML file")
-    check.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override recipe fields")
+    recipe_arguments(check)
     check.set_defaults(func=_check_data)
 
     est = sub.add_parser(
@@ -230,8 +234,7 @@ def parser() -> argparse.ArgumentParser:
         "checkpointing, LM head tiles, CUDA slack), the FLOPs per token, whether it fits, and what would make it fit. "
         "Reads the base's config.json from the base directory, or beside the recipe (recipes/<model>/).",
     )
-    est.add_argument("recipe", help="recipe YAML file")
-    est.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override recipe fields")
+    recipe_arguments(est)
     est.add_argument("--gpu-mem", default="24GiB", help="memory of the GPU to fit in (default 24GiB)")
     est.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where training will run")
     est.set_defaults(func=_estimate)
@@ -243,8 +246,7 @@ def parser() -> argparse.ArgumentParser:
         "recipe's NF4 settings, rank and alpha. Writes OUTPUT_DIR/loftq (backbone/, adapter_init/, "
         "loftq_report.json, manifest.json); resumes an interrupted run. `train` with lora.init: loftq uses it.",
     )
-    loftq.add_argument("recipe", help="recipe YAML file")
-    loftq.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override recipe fields")
+    recipe_arguments(loftq)
     loftq.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where to quantize and decompose (auto: CUDA when present)")  # fmt: skip
     loftq.set_defaults(func=_loftq)

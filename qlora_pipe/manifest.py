@@ -58,9 +58,13 @@ def write_manifest(out_dir: Path, stage: str, **payload) -> Path:
         "versions": package_versions(),
         **payload,
     }
-    path = out_dir / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return write_json(out_dir / MANIFEST, manifest)
+
+
+def write_json(path: Path, content: dict) -> Path:
+    """Write JSON atomically: a reader (or a resumed run) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -24,7 +24,7 @@ from trl import SFTConfig, SFTTrainer
 from qlora_pipe import UserError, data, loftq, model
 from qlora_pipe.config import Recipe, recipe_to_dict
 from qlora_pipe.estimate import GIB, MeasurePeak, compute_bytes, optimizer, predict
-from qlora_pipe.manifest import MANIFEST, atomic_dir, fingerprint_weights, read_manifest, write_manifest
+from qlora_pipe.manifest import MANIFEST, atomic_dir, fingerprint_weights, read_manifest, write_json, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +82,6 @@ class RunClock(TrainerCallback):
         if state.is_world_process_zero:
             self.run_state.setdefault("seconds_at_step", {})[str(state.global_step)] = round(self.seconds(), 2)
             write_json(self.out / RUN_STATE, self.run_state)
-
-
-def write_json(path: Path, content: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 @contextmanager

@@ -382,15 +382,20 @@ def marked_text(ids: list[int], labels: list[int], tokenizer) -> str:
     return "".join(parts)
 
 
-def check_split(raw: datasets.Dataset, tokenized: datasets.Dataset, skipped: list[int], tokenizer,
-                max_len: int) -> dict:  # fmt: skip
-    """Counts, length percentiles and the problems of one split (`skipped`: rows with no assistant turn)."""
+def length_summary(lengths: list[int]) -> dict[str, int]:
+    """Token-length percentiles and maximum of a split."""
     import numpy as np
 
+    lengths = np.array(lengths or [0])
+    return {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())}
+
+
+def check_split(examples: int, tokenized: datasets.Dataset, kept: list[int], skipped: list[int], tokenizer,
+                max_len: int) -> dict:  # fmt: skip
+    """Counts, length percentiles and the problems of one split: `tokenized` holds rows `kept` of its `examples`;
+    `skipped` are the rows with no assistant turn."""
     eos_id, is_whitespace = tokenizer.eos_token_id, _whitespace_test(tokenizer)
-    kept = [i for i in range(len(raw)) if i not in set(skipped)]
     all_labels = tokenized["labels"] if "labels" in tokenized.column_names else []
-    lengths = np.array([len(labels) for labels in all_labels] or [0])
     empty, eos_missing, cut, over, ends = list(skipped), [], [], 0, {}
     for row, labels in zip(kept, all_labels, strict=True):
         if all(t == -100 for t in labels):
@@ -406,8 +411,8 @@ def check_split(raw: datasets.Dataset, tokenized: datasets.Dataset, skipped: lis
                 cut.append(row)
     sample = next((i for i, labels in enumerate(all_labels) if any(t != -100 for t in labels)), None)
     return {
-        "examples": len(raw),
-        "tokens": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
+        "examples": examples,
+        "tokens": length_summary([len(labels) for labels in all_labels]),
         "longer_than_max_seq_length": over,
         "trained_tokens_cut": len(cut),
         "empty_loss_mask": len(empty),
@@ -465,10 +470,12 @@ def check(prepared: PreparedData, tokenizer, cfg: DataConfig) -> CheckedData:
     """Tokenize every split as TRL does and check it: what `qlora-pipe check-data` prints and `train` enforces."""
     tokenized, report, fatal = {}, {}, []
     for name, ds in prepared.splits().items():
-        skipped = [i for i, ex in enumerate(ds) if not has_assistant_turn(ex)]
-        usable = ds.select([i for i in range(len(ds)) if i not in set(skipped)]) if skipped else ds
+        has_turn = [has_assistant_turn(ex) for ex in ds]
+        kept = [i for i, ok in enumerate(has_turn) if ok]
+        skipped = [i for i, ok in enumerate(has_turn) if not ok]
+        usable = ds.select(kept) if skipped else ds
         tokenized[name] = tokenize(usable, tokenizer, prepared.assistant_only_loss, name) if len(usable) else usable
-        report[name] = check_split(ds, tokenized[name], skipped, tokenizer, cfg.max_seq_length)
+        report[name] = check_split(len(ds), tokenized[name], kept, skipped, tokenizer, cfg.max_seq_length)
         fatal += fatal_problems(name, report[name], cfg, tokenizer)
     return CheckedData(tokenized, report, fatal)
 
@@ -520,14 +527,14 @@ def check_classification(prepared: PreparedData, tokenizer, cfg: DataConfig) -> 
 
     tokenized, report, fatal = {}, {}, []
     for name, ds in prepared.splits().items():
-        lengths = np.array([len(ids) for ids in tokenizer(list(ds["text"]))["input_ids"]] or [0])
-        over = int((lengths > cfg.max_seq_length).sum())
+        lengths = [len(ids) for ids in tokenizer(list(ds["text"]))["input_ids"]]
+        over = sum(n > cfg.max_seq_length for n in lengths)
         counts = {
             prepared.labels[i]: int(n) for i, n in zip(*np.unique(list(ds["label"]), return_counts=True), strict=True)
         }
         report[name] = {
             "examples": len(ds),
-            "tokens": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
+            "tokens": length_summary(lengths),
             "longer_than_max_seq_length": over,
             "trained_tokens_cut": over,  # every input token feeds the prediction
             "empty_loss_mask": 0,
@@ -537,8 +544,8 @@ def check_classification(prepared: PreparedData, tokenizer, cfg: DataConfig) -> 
         }
         if over / max(len(ds), 1) > cfg.max_truncated:
             fatal.append(f"{name}: {over} of {len(ds)} examples ({over / len(ds):.0%}) are cut by "
-                         f"data.max_seq_length={cfg.max_seq_length} (max length {int(lengths.max())}); raise "
-                         "data.max_seq_length or data.max_truncated")  # fmt: skip
+                         f"data.max_seq_length={cfg.max_seq_length} (max length {max(lengths, default=0)}); "
+                         "raise data.max_seq_length or data.max_truncated")  # fmt: skip
         tokenized[name] = ds.map(
             lambda batch: tokenizer(batch["text"], truncation=True, max_length=cfg.max_seq_length),
             batched=True,

@@ -253,15 +253,17 @@ def advice(recipe: Recipe, device: str, limit: int, facts_dir: Path | None = Non
 
 class MeasurePeak(TrainerCallback):
     """Trainer callback: peak tensor memory of one training step (the second: optimizer states exist by then).
-    CUDA: the allocator's own peak; CPU: PeakMemory over the step, on top of what the step starts from."""
+    CUDA: the allocator's own peak (reset for the step; the run's peak before it is kept in `earlier_peak`); CPU:
+    PeakMemory over the step, on top of what the step starts from."""
 
     def __init__(self, optimizer_of, step: int = 2):
-        self.optimizer_of, self.step, self.mode, self.peak = optimizer_of, step, None, None
+        self.optimizer_of, self.step, self.mode, self.peak, self.earlier_peak = optimizer_of, step, None, None, 0
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step + 1 != self.step or self.peak is not None:
             return
         if torch.cuda.is_available():
+            self.earlier_peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
             self.mode = PeakMemory(resident_bytes(model, self.optimizer_of()))

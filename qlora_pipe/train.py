@@ -169,10 +169,12 @@ def check_same_recipe(started: dict, now: dict, out: Path) -> None:
         logger.warning("resuming with changed %s", ", ".join(changed))
 
 
-def peak_memory() -> dict:
-    """Peak memory of this process: allocated tensor memory on CUDA, resident set size on the CPU."""
+def peak_memory(earlier_cuda_peak: int = 0) -> dict:
+    """Peak memory of this process: allocated tensor memory on CUDA (the larger of the allocator's peak and the one
+    it had before a reset), resident set size on the CPU."""
     if torch.cuda.is_available():
-        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "peak_memory_of": "cuda"}
+        peak = max(torch.cuda.max_memory_allocated(), earlier_cuda_peak)
+        return {"peak_memory_gib": round(peak / 2**30, 3), "peak_memory_of": "cuda"}
     import resource
 
     return {"peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
@@ -476,8 +478,8 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     predicted = predicted_peak(recipe, trainer.model)
     with graceful_stop(stop):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    newest = resume_point(out, "auto")
     if stop.diverged_at is not None:
+        newest = resume_point(out, "auto")
         raise UserError(
             f"training diverged at step {stop.diverged_at}: the loss or the adapter weights became nan/inf; the "
             f"last good checkpoint is {newest or 'none (none was written yet)'}. Lower train.learning_rate (or "
@@ -485,8 +487,9 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
         )
     if stop.signal is not None:
         name = signal.Signals(stop.signal).name
-        raise Interrupted(f"{name}: stopped at step {trainer.state.global_step} with a checkpoint in {newest}; "
-                          f"run the same `qlora-pipe train` command to continue from it", stop.signal)  # fmt: skip
+        raise Interrupted(f"{name}: stopped at step {trainer.state.global_step} with a checkpoint in "
+                          f"{resume_point(out, 'auto')}; run the same `qlora-pipe train` command to continue from it",
+                          stop.signal)  # fmt: skip
     metrics = dict(run_state["metrics_before"])
     if trainer.eval_dataset is not None:
         metrics |= eval_metrics(trainer, "after", recipe.train.label_accuracy)
@@ -499,7 +502,7 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),
         "resumed_from": str(checkpoint) if checkpoint else None,
-        **peak_memory(),
+        **peak_memory(peak.earlier_peak),
         "peak_step_memory_predicted_gib": round(predicted / GIB, 3) if predicted else None,
         "peak_step_memory_measured_gib": round(peak.peak / GIB, 3) if peak.peak else None,
     }

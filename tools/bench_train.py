@@ -125,10 +125,15 @@ def make_model(out: Path, shape: dict) -> None:
     tokenizer.save_pretrained(out)
 
 
-def run(stack: str, base: Path, data: Path, work: Path, args: dict) -> dict:
+def launch(stack: str, base: Path, data: Path, out: Path, args: dict) -> subprocess.CompletedProcess:
+    """One stack's training, in a child process of its own (its memory and timing untouched by the others)."""
     code = STACK.replace("sys.path.insert(0, ROOT)", f"sys.path.insert(0, {str(ROOT)!r})")
-    proc = subprocess.run([sys.executable, "-c", code, stack, str(base), str(data), str(work / stack),
-                           json.dumps(args)], capture_output=True, text=True)  # fmt: skip
+    return subprocess.run([sys.executable, "-c", code, stack, str(base), str(data), str(out), json.dumps(args)],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def run(stack: str, base: Path, data: Path, work: Path, args: dict) -> dict:
+    proc = launch(stack, base, data, work / stack, args)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"{stack} failed:\n{proc.stderr[-3000:]}")
@@ -216,10 +221,7 @@ def longest_sequence(stack: str, base: Path, work: Path, common: dict) -> int:
         recipe["output_dir"] = str(work / f"ours_{seq}")
         (work / f"recipe_{seq}.yaml").write_text(yaml.safe_dump(recipe))
         args = common | {"seq": seq, "batch": 1, "steps": 2, "warmup": 1, "recipe": str(work / f"recipe_{seq}.yaml")}
-        code = STACK.replace("sys.path.insert(0, ROOT)", f"sys.path.insert(0, {str(ROOT)!r})")
-        proc = subprocess.run([sys.executable, "-c", code, stack, str(base), str(data), str(work / f"{stack}_{seq}"),
-                               json.dumps(args)], capture_output=True, text=True)  # fmt: skip
-        if proc.returncode != 0:
+        if launch(stack, base, data, work / f"{stack}_{seq}", args).returncode != 0:
             break
         best, seq = seq, seq * 2
     return best

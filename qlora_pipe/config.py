@@ -38,6 +38,11 @@ class ModelConfig:
     """Run Python code shipped with the model repository. Leave off unless you trust the repository."""
     allow_pickle: bool = False
     """Allow weights in pickle files (.bin/.pt), which can run code when loaded. Off: safetensors only."""
+    frozen_dtype: Literal["auto", "float32"] = "auto"
+    """dtype of the frozen parameters that are not quantized (embeddings, lm_head, norms). `auto`: the load dtype
+    (bf16/fp16 with a bf16/fp16 compute dtype), as the base was trained. `float32` upcasts them as PEFT's
+    prepare_model_for_kbit_training does: 3.9 GiB more for Llama-3.1-8B and an fp32 residual stream; try it if fp16
+    training overflows. Trained parameters (LoRA, a new head) are fp32 either way."""
 
 
 @dataclass
@@ -118,6 +123,20 @@ class TrainConfig:
     """Forward passes per optimizer step; the effective batch is batch_size × grad_accumulation × devices."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (non-reentrant) to save memory."""
+    activation_offloading: bool = False
+    """CUDA only: keep the activations a step saves for its backward pass (with gradient checkpointing: each layer's
+    input) in pinned CPU memory, copied out and back on a side stream (TRL's port of torchtune's offloading). Saves
+    about tokens × layers × hidden × 2 bytes of GPU memory for some speed; see `qlora-pipe estimate`."""
+    tiled_mlp: bool = False
+    """Run each layer's MLP over tiles of tokens, each recomputed on its own in the backward pass, so that a step
+    holds one tile's MLP activations instead of the whole micro-batch's (~0.7 GiB less for Llama-3.1-8B at 4096
+    tokens; more at longer sequences) for one more MLP forward per step. The values are unchanged. Models whose MLP
+    is not per-token (MoE blocks, BLOOM) are left as they are."""
+    loss_chunk_tokens: int | Literal["auto"] = "auto"
+    """Labelled tokens per tile of the fused LM head + cross-entropy (TRL's chunked log-prob head; tiles are at most
+    32768 vocabulary entries wide), so that the loss's memory grows with neither sequence length nor vocabulary.
+    `auto`: from the vocabulary size, about 8M logits per tile on the CPU and 32M on CUDA (see
+    `qlora-pipe estimate`)."""
     packing: bool | Literal["auto"] = "auto"
     """Pack several examples into one sequence (TRL's best-fit packing, padding-free): no compute on padding.
     `auto`: pack when the model keeps packed examples apart (checked on the loaded model; BLOOM's ALiBi does not),
@@ -221,6 +240,16 @@ def _check_values(recipe: Recipe) -> list[str]:
         (t.eval_steps is not None and t.eval_steps <= 0, "train.eval_steps", "must be a positive integer or unset"),
         (t.save_steps <= 0, "train.save_steps", f"must be a positive integer, got {t.save_steps}"),
         (t.save_total_limit <= 0, "train.save_total_limit", f"must be a positive integer, got {t.save_total_limit}"),
+        (
+            isinstance(t.loss_chunk_tokens, int) and t.loss_chunk_tokens <= 0,
+            "train.loss_chunk_tokens",
+            f"must be a positive integer or auto, got {t.loss_chunk_tokens}",
+        ),
+        (
+            t.activation_offloading and recipe.task != "causal_lm",
+            "train.activation_offloading",
+            "applies to task causal_lm only (TRL's SFTTrainer offloads)",
+        ),
     ]
     return [f"{key}: {message}" for bad, key, message in checks if bad]
 

@@ -22,8 +22,18 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 from trl import SFTConfig, SFTTrainer
 
 from qlora_pipe import UserError, data, loftq, model
-from qlora_pipe.config import Recipe, recipe_to_dict
-from qlora_pipe.estimate import GIB, MeasurePeak, compute_bytes, optimizer, predict
+from qlora_pipe.config import Recipe, recipe_from_dict, recipe_to_dict
+from qlora_pipe.estimate import (
+    GIB,
+    HEAD_TILE_VOCAB,
+    MeasurePeak,
+    compute_bytes,
+    loss_chunk_tokens,
+    optimizer,
+    predict,
+    step_shape,
+    text_sizes,
+)
 from qlora_pipe.manifest import MANIFEST, atomic_dir, fingerprint_weights, read_manifest, write_json, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -36,7 +46,8 @@ DATA_CHECK = "data_check.json"
 # training, and the wall time spent up to each checkpoint.
 RUN_STATE = ".run_state.json"
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps",
-                     "train.save_total_limit", "train.report_to")  # fmt: skip
+                     "train.save_total_limit", "train.report_to", "train.activation_offloading",
+                     "train.loss_chunk_tokens", "train.tiled_mlp")  # fmt: skip
 
 
 class Interrupted(UserError):
@@ -204,13 +215,27 @@ def check_output_dir(out: Path) -> None:
         )
 
 
-def score_labelled_positions_only() -> None:
-    """TRL's fused LM head projects only the labelled positions on Triton devices but every position elsewhere, to
-    keep tile shapes static for compilers (Neuron). Nothing recompiles on the CPU, so there we also skip the head's
-    work on prompts and padding: with a large vocabulary that is most of a step's FLOPs. The loss is unchanged
-    (tested)."""
+def configure_loss_head(chunk_tokens: int, vocab_size: int) -> None:
+    """Bound the memory of TRL's fused LM head + cross-entropy (trl.kernels.chunked_logprob), and score only the
+    labelled positions on every device.
+
+    The head never builds the (batch, seq, vocab) logits: it projects tiles of TOKEN_CHUNK_SIZE tokens × the vocabulary
+    chunk width into one reused buffer, folds each tile into running log-sum-exp statistics, and recomputes the tiles
+    in the backward pass. Its memory is the tile: TRL's defaults (4096 tokens × 32768 entries, whatever the vocabulary)
+    cost 0.25 GiB on CUDA, where a Triton kernel folds the tile in place, and ~3.6 GiB on the CPU, where the fold
+    runs as torch ops with ~7 fp32 temporaries of the tile's size. Both are module constants that TRL reads at call
+    time; we set them per run: `chunk_tokens` tokens, and a vocabulary width of at most the vocabulary.
+
+    TRL also projects every position, prompts and padding included, off Triton devices, to keep tile shapes static
+    for compilers (Neuron). Nothing recompiles on the CPU, so there we score only labelled positions too: with a large
+    vocabulary that is most of a step's FLOPs. The loss and gradients are unchanged (tested)."""
+    import trl.kernels.chunked_logprob as trl_head
     import trl.trainer.utils as trl_utils
 
+    # Fail loudly if a TRL release renames what we set, rather than silently running with its defaults.
+    assert hasattr(trl_head, "TOKEN_CHUNK_SIZE") and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE")
+    trl_head.TOKEN_CHUNK_SIZE = chunk_tokens
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(vocab_size, HEAD_TILE_VOCAB)
     use_triton = trl_utils._use_triton
     if not getattr(use_triton, "qlora_pipe", False):
         trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
@@ -297,7 +322,12 @@ def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eva
         cls, task_args = TrainingArguments, {}
     else:
         cls = SFTConfig
-        task_args = {"packing": packing, "max_length": recipe.data.max_seq_length, "assistant_only_loss": False}
+        task_args = {
+            "packing": packing,
+            "max_length": recipe.data.max_seq_length,
+            "assistant_only_loss": False,
+            "activation_offloading": t.activation_offloading,
+        }
     return cls(
         **task_args,
         output_dir=str(out / CHECKPOINTS),
@@ -338,6 +368,10 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     out = Path(recipe.output_dir)
     check_output_dir(out)
     base = model.check_base(recipe.model.base, recipe.model.allow_pickle)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if recipe.train.activation_offloading and device != "cuda":
+        raise UserError("train.activation_offloading: needs a CUDA GPU (it moves activations from GPU memory to "
+                        "pinned CPU memory; on the CPU they are in host memory already); set it to false")  # fmt: skip
     tokenizer, prepared, checked = prepare_data(recipe, base)
     if checked.fatal:
         raise UserError(refusal(checked))
@@ -357,8 +391,16 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     layout = model.describe_quantization(base_model, compute_dtype)
     if quantized:
         model.set_cpu_bf16_fastpath(base_model, False)
-        # Checkpointing is switched on by the trainer (non-reentrant, so inputs need not require grads).
-        base_model = peft.prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)
+    # PEFT's prepare_model_for_kbit_training is not called: it upcasts every frozen unquantized parameter
+    # (embeddings, lm_head, norms) to fp32, 3.9 GiB more for Llama-3.1-8B, and makes the residual stream and so every
+    # checkpointed layer input fp32. Frozen weights keep the load dtype (the merge reads them in it either way, so the
+    # merged model is the same); get_peft_model freezes them; checkpointing is switched on by the trainer.
+    if recipe.train.tiled_mlp and not model.tile_mlps(base_model, model.mlp_tile_tokens(text_sizes(base_model)[2])):
+        logger.warning("train.tiled_mlp: %s has no per-token MLP to tile", base_model.config.model_type)
+    if recipe.model.frozen_dtype == "float32":
+        for param in base_model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
     if adapter_init:
         peft_model = peft.PeftModel.from_pretrained(base_model, adapter_init, is_trainable=True)
     else:
@@ -376,11 +418,13 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     if recipe.task == "seq_cls":
         trainer = Trainer(**common, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
     else:
-        score_labelled_positions_only()
+        vocab_size = base_model.get_output_embeddings().weight.shape[0]
+        configure_loss_head(loss_chunk_tokens(recipe.train.loss_chunk_tokens, vocab_size, device), vocab_size)
         trainer = SFTTrainer(**common)
-    # TRL casts a quantized model's trainable adapter to bf16, but PEFT loads adapters (and the Trainer resumes them)
-    # in fp32: training in fp32 throughout makes a resumed run compute exactly as an uninterrupted one, and keeps
-    # updates smaller than bf16's resolution. The cost is 2 bytes per adapter parameter.
+    # Everything that trains (LoRA A/B, a classifier head trained whole) is fp32, and so are its gradients and
+    # optimizer states: updates smaller than bf16's resolution would otherwise be lost. TRL casts a quantized model's
+    # adapter to bf16, but PEFT loads adapters (and the Trainer resumes them) in fp32: fp32 throughout also makes a
+    # resumed run compute exactly as an uninterrupted one. The cost is 2 bytes per adapter parameter.
     for param in peft_model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
@@ -459,7 +503,9 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     checkpoint = resume_point(out, resume)
     run_state = json.loads((out / RUN_STATE).read_text()) if checkpoint and (out / RUN_STATE).exists() else {}
     if checkpoint:
-        check_same_recipe(run_state.get("recipe", recipe_to_dict(recipe)), recipe_to_dict(recipe), out)
+        # Read through the recipe schema, so that keys added since the run started count at their defaults.
+        started = recipe_to_dict(recipe_from_dict(run_state["recipe"])) if "recipe" in run_state else None
+        check_same_recipe(started or recipe_to_dict(recipe), recipe_to_dict(recipe), out)
         step = checkpoint_step(checkpoint)
         logger.info("resuming from %s (step %d)", checkpoint, step)
         keep_log_until(out / TRAIN_LOG, step)
@@ -475,7 +521,7 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     peak = MeasurePeak(lambda: trainer.optimizer)
     for callback in (clock, stop, peak):
         trainer.add_callback(callback)
-    predicted = predicted_peak(recipe, trainer.model)
+    predicted = predicted_peak(recipe, trainer)
     with graceful_stop(stop):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop.diverged_at is not None:
@@ -515,15 +561,19 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     return out
 
 
-def predicted_peak(recipe: Recipe, net: torch.nn.Module) -> int | None:
-    """The estimate for this run, logged before training starts (causal LM runs; None for classifiers)."""
+def predicted_peak(recipe: Recipe, trainer) -> int | None:
+    """The estimate for this run's largest micro-batch, logged before training starts (causal LM runs; None for
+    classifiers)."""
     if recipe.task != "causal_lm":
         return None
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = trainer.model.get_base_model()
     with torch.device("meta"):
-        skeleton = type(net.get_base_model())(net.get_base_model().config)
-    est = predict(skeleton, recipe, device, compute_bytes(recipe, device))
-    logger.info("predicted peak memory of a training step: %.2f GiB (%s)", est.total / GIB,
+        skeleton = type(net)(net.config)
+    step = step_shape(trainer.train_dataset, recipe, packed=trainer.args.packing)
+    est = predict(skeleton, recipe, device, compute_bytes(recipe, device), step)
+    logger.info("predicted peak memory of a training step: %.2f GiB for %d tokens, %d of them labelled (%s)",
+                est.total / GIB, step.tokens, step.labelled,
                 ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.parts.items()))  # fmt: skip
     return est.total
 

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import ROOT
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -16,6 +17,7 @@ from qlora_pipe import UserError, cli, model
 from qlora_pipe.config import load_recipe
 from qlora_pipe.generate import generate
 from qlora_pipe.merge import merge
+from qlora_pipe.train import build_trainer
 
 PROMPTS = [
     "Which topic is this about: sports, food or tech?\nText: The team won the match.",
@@ -83,6 +85,39 @@ def test_merge_after_bf16_training_writes_bf16_that_matches(tiny_model, write_re
     assert merged.dtype == torch.bfloat16
     report = json.loads((tmp_path / "m16" / "merge_report.json").read_text())
     assert report["modes"]["dequantized"]["relative_error"] < report["modes"]["original"]["relative_error"]
+
+
+SST2 = ROOT / "data" / "seeds" / "sst2"
+# Frozen weights stay in bf16 while training computes in bf16: the merge must still equal what was trained, on every
+# architecture of the matrix, with tied embeddings, LoRA on the embeddings, and a classifier head trained whole.
+BF16_CASES = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),
+    "qwen2, tied embeddings": ("qwen2", {}),
+    "gpt2, tied embeddings, conv1d": ("gpt2", {}),
+    "llama, LoRA on the embeddings": ("llama", {"lora": {"target_modules": ["q_proj", "v_proj", "embed_tokens"]}}),
+    "llama classifier, head trained whole": ("llama", {
+        "task": "seq_cls",
+        "data": {"train": str(SST2 / "train.jsonl"), "eval": str(SST2 / "eval.jsonl"), "format": "classification",
+                 "columns": {"text": "sentence"}, "max_seq_length": 64},
+    }),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_merge_of_bf16_frozen_weights_equals_what_was_trained(case, tiny_model, write_recipe, tmp_path):
+    arch, sections = BF16_CASES[case]
+    recipe = write_recipe(tiny_model(arch), model={"compute_dtype": "bfloat16"}, **sections)
+    trainer, _ = build_trainer(load_recipe(recipe))
+    frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    trained = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    del trainer
+    run = tmp_path / "run"
+    assert cli.main(["train", str(recipe), "--resume", "never"]) == 0
+    assert cli.main(["merge", str(run), "--dtype", "float32"]) == 0
+    report = json.loads((run / "merged" / "merge_report.json").read_text())
+    assert report["verify"] == "full" and report["modes"]["dequantized"]["relative_error"] <= 1e-5
 
 
 def test_generate_works_on_run_adapter_merged_and_base(tiny_model, write_recipe, tmp_path):

@@ -84,7 +84,7 @@ def _check_data(args: argparse.Namespace) -> None:
 def _estimate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from qlora_pipe.estimate import GIB, advice, estimate
+    from qlora_pipe.estimate import GIB, advice, estimate, longest_sequence
     from qlora_pipe.shards import parse_size
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -92,23 +92,66 @@ def _estimate(args: argparse.Namespace) -> None:
         limit = parse_size(args.gpu_mem)
     except ValueError as e:
         raise UserError(f"--gpu-mem: {e}") from None
+    if args.device == "cpu" and recipe.train.activation_offloading:
+        raise UserError("train.activation_offloading needs CUDA; estimate it with --device cuda")
     facts = Path(args.recipe).parent
-    est = estimate(recipe, args.device, facts)
-    print(f"{recipe.model.base}: one training step of {recipe.train.batch_size} x {recipe.data.max_seq_length} "
-          f"tokens on {args.device} (full-length sequences)")  # fmt: skip
-    unit, scale = ("GiB", GIB) if est.total >= GIB else ("MiB", 2**20)
-    for part, size in est.parts.items():
-        print(f"  {part:<44} {size / scale:8.2f} {unit}")
-    print(f"  {'predicted peak':<44} {est.total / scale:8.2f} {unit}")
-    print(f"training FLOPs per token: {est.flops_per_token / 1e6:,.1f} MFLOP")
-    for note in est.notes:
-        print(f"note: {note}")
-    if est.total <= limit:
+    estimates = [estimate(recipe, args.device, facts)]
+    shape, why_not = data_step_shape(recipe)
+    if shape is not None:
+        estimates.append(estimate(recipe, args.device, facts, shape))
+    print(f"{recipe.model.base}: peak memory of one training step on {args.device}, batch {recipe.train.batch_size}, "
+          f"max_seq_length {recipe.data.max_seq_length}")  # fmt: skip
+    unit, scale = ("GiB", GIB) if estimates[0].total >= GIB else ("MiB", 2**20)
+    columns = ["every row full length", *([shape.source] if shape else [])]
+    print(f"  {'':<52}" + "".join(f"{c:>26}" for c in columns))
+    for part in dict.fromkeys(k for est in estimates for k in est.parts):
+        cells = [f"{est.parts[part] / scale:.2f} {unit}" if part in est.parts else "-" for est in estimates]
+        print(f"  {part:<52}" + "".join(f"{c:>26}" for c in cells))
+    print(f"  {'predicted peak':<52}" + "".join(f"{f'{est.total / scale:.2f} {unit}':>26}" for est in estimates))
+    steps = [f"{est.step.tokens} tokens, {est.step.labelled} labelled" for est in estimates]
+    print(f"  {'largest micro-batch':<52}" + "".join(f"{c:>26}" for c in steps))
+    if why_not:
+        print(f"note: {why_not}")
+    print(f"training FLOPs per token: {estimates[0].flops_per_token / 1e6:,.1f} MFLOP")
+    offloading = (
+        {"without offloading": False, "with activation offloading": True} if args.device == "cuda" else {"": False}
+    )
+    for label, offload in offloading.items():
+        tokens = longest_sequence(recipe, args.device, limit, facts, offload)
+        print(f"longest sequence that fits {limit / GIB:.1f} GiB at batch 1 {label}: {tokens:,} tokens".rstrip())
+    total = estimates[-1].total
+    if total <= limit:
         print(f"fits in {limit / GIB:.1f} GiB")
         return
     print(f"does not fit in {limit / GIB:.1f} GiB; changes that would make it fit:")
-    for change in advice(recipe, args.device, limit, facts) or ["none of batch, sequence length or optimizer alone"]:
+    step = estimates[-1].step if shape is not None else None
+    for change in advice(recipe, args.device, limit, facts, step) or ["none of these settings alone"]:
         print(f"  {change}")
+
+
+def data_step_shape(recipe: Recipe):
+    """The largest micro-batch of the recipe's own data, tokenized as training will (None and the reason when the
+    data or the tokenizer is not on this machine)."""
+    from pathlib import Path
+
+    from qlora_pipe import model
+    from qlora_pipe.estimate import step_shape
+    from qlora_pipe.train import prepare_data
+
+    if recipe.task != "causal_lm":
+        return None, "classifiers: predicted for full-length rows only"
+    if not Path(recipe.data.train).exists():
+        return None, f"data.train {recipe.data.train} is not a local path: predicted for full-length rows only"
+    base = model.check_base(recipe.model.base, recipe.model.allow_pickle)
+    try:
+        _, _, checked = prepare_data(recipe, base)
+    except UserError as e:
+        return None, f"the data could not be tokenized here ({e}): predicted for full-length rows only"
+    packed = recipe.train.packing is not False
+    shape = step_shape(checked.tokenized["train"], recipe, packed)
+    if recipe.train.packing == "auto":
+        shape.source += " (auto)"
+    return shape, None
 
 
 def _merge(args: argparse.Namespace) -> None:

@@ -24,26 +24,28 @@ from transformers.pytorch_utils import Conv1D
 
 from qlora_pipe import UserError
 from qlora_pipe.config import Recipe
-from qlora_pipe.model import cpu_has_native_bf16
+from qlora_pipe.model import cpu_has_native_bf16, mlp_tile_tokens
 
 GIB = 2**30
 
 
 class PeakMemory(TorchDispatchMode):
-    """Peak bytes of tensor storages alive while the mode is active, on top of `baseline` (the storages that existed
-    before). Every op's outputs are recorded; a storage is released when its last tensor is freed."""
+    """Peak bytes of tensor storages alive while the mode is active, on top of `resident` (the storages that existed
+    before, by data pointer: counted once, views of them included). Every op's outputs are recorded; a storage is
+    released when its last tensor is freed."""
 
-    def __init__(self, baseline: int = 0):
+    def __init__(self, resident: dict[int, int] | None = None):
         super().__init__()
+        self.resident = resident or {}
         self.live: dict[int, int] = {}
-        self.baseline = self.current = self.peak = baseline
+        self.baseline = self.current = self.peak = sum(self.resident.values())
 
     def _track(self, t: torch.Tensor) -> None:
         if t.device.type == "meta":
             return
         storage = t.untyped_storage()
         key = storage.data_ptr()
-        if key in self.live or storage.nbytes() == 0:
+        if key in self.live or key in self.resident or storage.nbytes() == 0:
             return
         self.live[key] = storage.nbytes()
         self.current += storage.nbytes()
@@ -61,16 +63,16 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (views and tied weights counted once)."""
+def storages(tensors) -> dict[int, int]:
+    """The distinct storages behind `tensors`, data pointer → bytes (views and tied weights counted once)."""
     seen = {}
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
+    return seen
 
 
-def resident_bytes(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+def resident_storages(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[int, int]:
     """What a training step starts from: parameters (with bitsandbytes' quantization state), buffers, gradients and
     optimizer states."""
     tensors = [*net.parameters(), *net.buffers(), *(p.grad for p in net.parameters() if p.grad is not None)]
@@ -80,25 +82,69 @@ def resident_bytes(net: torch.nn.Module, optimizer: torch.optim.Optimizer | None
             tensors += [state.absmax, state.code, *((state.state2.absmax, state.state2.code) if state.state2 else ())]
     if optimizer is not None:
         tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return storage_bytes(tensors)
+    return storages(tensors)
 
 
 # ---- the prediction -----------------------------------------------------------------------------------------------
 
-# TRL's fused LM head scores tokens in tiles of this many tokens (and 32768 vocabulary entries; trl.kernels).
-HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
-# Fitted to PeakMemory measurements of training steps on the CPU (llama shapes: vocab 2k-16k, hidden 256-512, 1k-8k
-# tokens, fp32 and bf16 autocast; checked on other architectures, shapes and settings by tests/test_estimate.py).
-# The step peaks in the LM head's backward: each token of the current tile holds a tile-wide row in the compute dtype
-# (less ~6 KB), 29.2 bytes per vocabulary entry and ~8 fp32 hidden-size vectors; every token of the batch holds its
-# checkpointed layer inputs and ~3 more fp32 hidden-size vectors.
-HEAD_ROW_SAVING = 6_000
-HEAD_BYTES_PER_TOKEN_VOCAB = 29.2
-HIDDEN_VECTORS_PER_TILE_TOKEN = 8
-HIDDEN_VECTORS_PER_TOKEN = 3
+# TRL's fused LM head projects tiles of labelled tokens × at most this many vocabulary entries (trl.kernels).
+HEAD_TILE_VOCAB = 32768
+# `train.loss_chunk_tokens: auto`: the most labelled tokens per LM-head tile (a power of two, 64 to 4096) whose tile
+# holds at most this many logits. On the CPU each logit of a tile costs ~31 bytes (TRL's torch fold), on CUDA 2 (the
+# bf16 buffer the Triton kernel folds in place): ~0.25 GiB and 64 MiB.
+HEAD_TILE_LOGITS = {"cpu": 2**23, "cuda": 2**25}
 # bitsandbytes NF4 with double quant: 4 bits per weight, one uint8 absmax per block of 64, one fp32 absmax per 256
 # blocks.
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+# TRL's activation offloading keeps the last few tensors it offloaded on the GPU until their copies finish
+# (max_fwd_stash_size) and brings one layer's back at a time: about this many layers' inputs stay on the GPU.
+OFFLOADED_LAYERS_ON_GPU = 6
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes of a training step's activations per token, on top of the checkpointed layer inputs. Fitted to
+    measurements (tools/measure_memory.py; docs/benchmarks.md) and checked by tests/test_estimate.py."""
+
+    layer_hidden: float
+    """Per hidden unit: what one layer's recompute and backward hold besides its MLP (norms, attention, residual)."""
+    layer_mlp: float
+    """Per MLP intermediate unit (the MLP's backward; with train.tiled_mlp per token of one tile)."""
+    lora_dropout: float
+    """Per input feature of each adapted layer when lora.dropout > 0 (PEFT keeps the dropped copy)."""
+    head_hidden: float
+    """Per hidden unit per position while the LM head runs (the final hidden states and their gradient)."""
+    head_labelled: float
+    """Per hidden unit per labelled position while the LM head runs (the gathered hidden states, fp32 gradients)."""
+    head_logit: float
+    """Per logit of an LM-head tile, besides the tile's own buffer (on the CPU: the temporaries of TRL's torch fold;
+    on CUDA its Triton kernel folds the tile in place)."""
+
+
+# bitsandbytes multiplies by a dequantized copy of the NF4 weight: while a layer's backward runs, about this many
+# copies of its largest weight exist in the compute dtype.
+DEQUANTIZED_WEIGHTS = 1.25
+# (device, bytes of the compute dtype, bytes of the residual stream: the embeddings' dtype) → coefficients.
+# CPU: PeakMemory on Llama shapes (hidden 256-1024, intermediate 512-8192, 2k-4k tokens, vocabularies 2k-128k),
+# where PEFT copies each LoRA input to the fp32 adapter's dtype. CUDA: the allocator's peaks on Llama-3.1-8B's widths
+# at 4k and 8k tokens, tiled and not (docs/benchmarks.md); CUDA with fp32 compute was not measured: twice the bf16
+# figures.
+ACTIVATIONS = {
+    ("cpu", 2, 2): Activations(36.4, 13.4, 6.0, head_hidden=0.0, head_labelled=13.4, head_logit=29.0),
+    ("cpu", 2, 4): Activations(34.1, 22.5, 4.6, head_hidden=0.0, head_labelled=13.0, head_logit=29.0),
+    ("cpu", 4, 4): Activations(34.1, 22.5, 4.6, head_hidden=0.0, head_labelled=13.0, head_logit=29.0),
+    ("cuda", 2, 2): Activations(31.2, 7.8, 1.95, head_hidden=6.4, head_labelled=6.7, head_logit=0.0),
+    ("cuda", 2, 4): Activations(77.4, 7.8, 1.95, head_hidden=15.6, head_labelled=15.7, head_logit=0.0),
+    ("cuda", 4, 4): Activations(62.4, 15.6, 3.9, head_hidden=12.8, head_labelled=13.4, head_logit=0.0),
+}
+
+
+def loss_chunk_tokens(value: int | str, vocab: int, device: str) -> int:
+    """Labelled tokens per LM-head tile: the recipe's `train.loss_chunk_tokens`, or the one `auto` stands for."""
+    if value != "auto":
+        return int(value)
+    tokens = HEAD_TILE_LOGITS[device] // min(vocab, HEAD_TILE_VOCAB)
+    return max(64, min(4096, 1 << (tokens.bit_length() - 1)))
 
 
 def optimizer(name: str, device: str) -> str:
@@ -109,18 +155,59 @@ def optimizer(name: str, device: str) -> str:
 
 
 OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
-# CUDA context, cuBLAS workspace and caching-allocator fragmentation: not measurable here; the usual observed range.
+# Allocated on CUDA besides the model's tensors (cuBLAS workspaces and the like): measured 39-62 MiB on an H200.
+CUDA_WORKSPACES = 48 * 2**20
+# What a CUDA process holds beyond its allocated tensors: the context and the caching allocator's reserve. Measured
+# 0.9-1.34 GiB on an H200 (docs/benchmarks.md); the context is smaller on most consumer cards.
 CUDA_SLACK = int(1.25 * GIB)
 
 
 @dataclass
+class StepShape:
+    """The micro-batch a step's memory is predicted for: positions (padding included) and labelled positions."""
+
+    tokens: int
+    labelled: int
+    source: str = "full-length sequences"
+
+
+def worst_case(recipe: Recipe) -> StepShape:
+    tokens = recipe.train.batch_size * recipe.data.max_seq_length
+    return StepShape(tokens, tokens)
+
+
+def step_shape(dataset, recipe: Recipe, packed: bool) -> StepShape:
+    """The largest micro-batch of `dataset` (tokenized rows with labels; packed or truncated as TRL feeds them, or
+    raw, then packed or truncated here as TRL will): the `batch_size` longest rows (padding-free when packed, padded
+    to the longest otherwise) and the most labelled positions any `batch_size` rows hold. Data order is random, so
+    some step may draw them together."""
+    import numpy as np
+
+    max_len, batch = recipe.data.max_seq_length, recipe.train.batch_size
+    if packed and "seq_lengths" not in dataset.column_names:
+        from trl import pack_dataset
+
+        dataset = pack_dataset(dataset.select_columns(["input_ids", "labels"]), max_len, "bfd")
+    lengths = [min(len(ids), max_len) for ids in dataset["input_ids"]]
+    # the head scores position i when the label of i + 1 is trained
+    labels = dataset["labels"]
+    labelled = [int((np.asarray(row[1:n]) != -100).sum()) for row, n in zip(labels, lengths, strict=True)]
+    top = lambda values: sum(sorted(values, reverse=True)[:batch])  # noqa: E731
+    tokens = top(lengths) if packed else min(batch, len(lengths)) * max(lengths)
+    return StepShape(tokens, top(labelled), f"the data, {'packed' if packed else 'padded'}")
+
+
+@dataclass
 class Estimate:
-    """Predicted peak training memory, part by part (bytes), and the training FLOPs per token."""
+    """Predicted peak training memory, part by part (bytes), and the training FLOPs per token. `phases` holds the
+    two candidate peaks above the static parts: the layers' recompute and backward, and the LM head; the larger is in
+    `parts`."""
 
     parts: dict[str, int]
     device: str
-    tokens: int
+    step: StepShape
     flops_per_token: float
+    phases: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -146,53 +233,76 @@ def is_target(name: str, targets: str | list[str]) -> bool:
     return targets == "all-linear" or any(name == t or name.endswith(f".{t}") for t in targets)
 
 
-def predict(net: torch.nn.Module, recipe: Recipe, device: str, compute_bytes: int) -> Estimate:
-    """The peak memory of one training step of `recipe` on `net` (a meta-device skeleton of the base)."""
+def text_sizes(net: torch.nn.Module) -> tuple[int, int, int, int]:
+    """hidden size, layers, MLP width and vocabulary of a (text) model's config, under their various names."""
     config = net.config.get_text_config()
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    vocab = config.vocab_size
-    tokens = recipe.train.batch_size * recipe.data.max_seq_length
+    mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    return hidden, layers, mlp, config.vocab_size
+
+
+def predict(net: torch.nn.Module, recipe: Recipe, device: str, compute_bytes: int,
+            step: StepShape | None = None) -> Estimate:  # fmt: skip
+    """The peak memory of one training step of `recipe` on `net` (a meta-device skeleton of the base), for the
+    micro-batch `step` (default: every row full length, every position trained)."""
+    hidden, layers, mlp, vocab = text_sizes(net)
+    step = step or worst_case(recipe)
+    t, lo = recipe.train, recipe.lora
     shapes = linear_shapes(net)
     quantized = recipe.model.quantization == "nf4"
     linear_params = sum(i * o for i, o in shapes.values())
     params = {id(p): p.numel() for p in net.parameters()}  # tied weights once
     other_params = sum(params.values()) - linear_params
-    lora = sum(
-        recipe.lora.r * (i + o) for name, (i, o) in shapes.items() if is_target(name, recipe.lora.target_modules)
-    )
-    tile_tokens = min(tokens, HEAD_TILE_TOKENS)
-    kept = layers if recipe.train.gradient_checkpointing else layers * 16  # without: every layer's working set
+    targets = {name: shape for name, shape in shapes.items() if is_target(name, lo.target_modules)}
+    lora = sum(lo.r * (i + o) for i, o in targets.values())
+    frozen_bytes = 4 if recipe.model.frozen_dtype == "float32" else compute_bytes
+    opt = optimizer(t.optimizer, device)
     parts = {
         "base weights (NF4)" if quantized else "base weights": int(
-            linear_params * (NF4_BYTES_PER_WEIGHT if quantized else compute_bytes)
+            linear_params * (NF4_BYTES_PER_WEIGHT if quantized else frozen_bytes)
         ),
-        "unquantized parameters (fp32)": other_params * 4,
+        f"frozen unquantized parameters ({'fp32' if frozen_bytes == 4 else 'compute dtype'})": other_params
+        * frozen_bytes,
         "LoRA parameters (fp32)": lora * 4,
         "LoRA gradients (fp32)": lora * 4,
-        f"optimizer states ({optimizer(recipe.train.optimizer, device)})": lora
-        * OPTIMIZER_BYTES[optimizer(recipe.train.optimizer, device)],
-        "activations (checkpointed layer inputs)": tokens * kept * hidden * compute_bytes,
-        "activations (final hidden states)": tokens * HIDDEN_VECTORS_PER_TOKEN * hidden * 4,
-        "LM head tiles (fused loss)": int(
-            tile_tokens
-            * (
-                HEAD_TILE_VOCAB * compute_bytes
-                - HEAD_ROW_SAVING
-                + HEAD_BYTES_PER_TOKEN_VOCAB * min(vocab, HEAD_TILE_VOCAB)
-                + HIDDEN_VECTORS_PER_TILE_TOKEN * hidden * 4
-            )
-        ),
+        f"optimizer states ({opt})": lora * OPTIMIZER_BYTES[opt],
     }
+    # The residual stream, and so each checkpointed layer input, has the embeddings' dtype.
+    layer_input = step.tokens * hidden * frozen_bytes
+    kept = min(layers, OFFLOADED_LAYERS_ON_GPU) if t.activation_offloading else layers
+    label = f"offloaded, {kept} on the GPU" if t.activation_offloading else "checkpointed"
+    parts[f"activations (layer inputs, {label})"] = kept * layer_input
+    coef = ACTIVATIONS[device, compute_bytes, max(frozen_bytes, compute_bytes)]
+    mlp_tokens = min(step.tokens, mlp_tile_tokens(mlp)) if t.tiled_mlp else step.tokens
+    in_mlp = sum(i for name, (i, _) in targets.items() if ".mlp." in f".{name}.") / layers
+    in_other = sum(i for i, _ in targets.values()) / layers - in_mlp
+    layer = step.tokens * hidden * coef.layer_hidden + mlp_tokens * mlp * coef.layer_mlp
+    if lo.dropout > 0:
+        layer += coef.lora_dropout * (step.tokens * in_other + mlp_tokens * in_mlp)
+    if not t.gradient_checkpointing:  # every layer keeps what its backward needs
+        layer *= layers
+    if quantized:
+        layer += DEQUANTIZED_WEIGHTS * max(i * o for i, o in shapes.values()) * compute_bytes
+    width = min(vocab, HEAD_TILE_VOCAB)
+    tile = min(step.labelled, loss_chunk_tokens(t.loss_chunk_tokens, vocab, device)) * width
+    head = hidden * (step.tokens * coef.head_hidden + step.labelled * coef.head_labelled)
+    head += tile * (coef.head_logit + compute_bytes)
+    if frozen_bytes != compute_bytes:  # each vocabulary chunk of the head's weight is cast to the compute dtype
+        head += width * hidden * compute_bytes
+    phases = {"layers": int(layer), "head": int(head)}
+    peak = max(phases, key=phases.get)
+    name = "activations (layer recompute and backward)" if peak == "layers" else "LM head (fused loss tiles)"
+    parts[name] = phases[peak]
     notes = []
     if device == "cuda":
+        parts["CUDA workspaces (cuBLAS)"] = CUDA_WORKSPACES
         parts["CUDA context and allocator slack"] = CUDA_SLACK
-        notes.append("CUDA: the LM head runs TRL's Triton kernel; the head and slack terms were not measured here")
     # 6 FLOPs per weight per token for the backbone (forward, recompute, input gradients; the frozen base gets no
     # weight gradient, the LoRA weights do), plus the head's forward and input gradient.
-    flops = 6 * linear_params + 6 * lora + (2 if recipe.train.gradient_checkpointing else 0) * linear_params
+    flops = 6 * linear_params + 6 * lora + (2 if t.gradient_checkpointing else 0) * linear_params
     flops += 4 * hidden * vocab
-    return Estimate(parts, device, tokens, float(flops), notes)
+    return Estimate(parts, device, step, float(flops), phases, notes)
 
 
 def skeleton_for(recipe: Recipe, facts_dir: Path | None):
@@ -217,18 +327,26 @@ def compute_bytes(recipe: Recipe, device: str) -> int:
     return torch.finfo(getattr(torch, name)).bits // 8
 
 
-def estimate(recipe: Recipe, device: str = "cuda", facts_dir: Path | None = None) -> Estimate:
+def estimate(recipe: Recipe, device: str = "cuda", facts_dir: Path | None = None,
+             step: StepShape | None = None) -> Estimate:  # fmt: skip
     """Predicted peak memory of training `recipe` on `device`, from the base's config alone."""
-    return predict(skeleton_for(recipe, facts_dir), recipe, device, compute_bytes(recipe, device))
+    return predict(skeleton_for(recipe, facts_dir), recipe, device, compute_bytes(recipe, device), step)
 
 
-def advice(recipe: Recipe, device: str, limit: int, facts_dir: Path | None = None) -> list[str]:
+def advice(recipe: Recipe, device: str, limit: int, facts_dir: Path | None = None,
+           step: StepShape | None = None) -> list[str]:  # fmt: skip
     """Single changes that bring the prediction under `limit`, cheapest first."""
     net, cb = skeleton_for(recipe, facts_dir), compute_bytes(recipe, device)
     t, d = recipe.train, recipe.data
     options = []
+    if not t.gradient_checkpointing:
+        options.append(("train.gradient_checkpointing=true", dataclasses.replace(t, gradient_checkpointing=True), d))
     if optimizer(t.optimizer, device) in ("adamw_torch", "paged_adamw_32bit"):
         options.append(("train.optimizer=paged_adamw_8bit", dataclasses.replace(t, optimizer="paged_adamw_8bit"), d))
+    if not t.tiled_mlp:
+        options.append(("train.tiled_mlp=true", dataclasses.replace(t, tiled_mlp=True), d))
+    if device == "cuda" and not t.activation_offloading:
+        options.append(("train.activation_offloading=true", dataclasses.replace(t, activation_offloading=True), d))
     for factor in (2, 4, 8):
         if t.batch_size >= factor:
             batch = t.batch_size // factor
@@ -238,17 +356,35 @@ def advice(recipe: Recipe, device: str, limit: int, facts_dir: Path | None = Non
     for factor in (2, 4):
         options.append((f"data.max_seq_length={d.max_seq_length // factor}", t,
                         dataclasses.replace(d, max_seq_length=d.max_seq_length // factor)))  # fmt: skip
-    if not t.gradient_checkpointing:
-        options.insert(
-            0, ("train.gradient_checkpointing=true", dataclasses.replace(t, gradient_checkpointing=True), d)
-        )
     fits = []
     for label, train, data in options:
         changed = dataclasses.replace(recipe, train=train, data=data)
-        total = predict(net, changed, device, cb).total
+        # a shorter max_seq_length or smaller batch changes the micro-batch: predicted for full-length rows
+        shape = step if (train.batch_size, data.max_seq_length) == (t.batch_size, d.max_seq_length) else None
+        total = predict(net, changed, device, cb, shape).total
         if total <= limit:
             fits.append(f"{label} (predicted {total / GIB:.1f} GiB)")
     return fits
+
+
+def longest_sequence(recipe: Recipe, device: str, limit: int, facts_dir: Path | None = None,
+                     offloading: bool = False) -> int:  # fmt: skip
+    """The longest full-length sequence (a multiple of 256) whose training step at batch 1 is predicted to fit
+    `limit`, with or without activation offloading (the recipe's other settings kept)."""
+    net, cb = skeleton_for(recipe, facts_dir), compute_bytes(recipe, device)
+    train = dataclasses.replace(recipe.train, batch_size=1, activation_offloading=offloading)
+
+    def fits(tokens: int) -> bool:
+        data = dataclasses.replace(recipe.data, max_seq_length=tokens)
+        return predict(net, dataclasses.replace(recipe, train=train, data=data), device, cb).total <= limit
+
+    low, high = 0, 256
+    while fits(high) and high < 2**24:
+        low, high = high, high * 2
+    while high - low > 256:
+        middle = (low + high) // 512 * 256
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 class MeasurePeak(TrainerCallback):
@@ -266,7 +402,7 @@ class MeasurePeak(TrainerCallback):
             self.earlier_peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            self.mode = PeakMemory(resident_bytes(model, self.optimizer_of()))
+            self.mode = PeakMemory(resident_storages(model, self.optimizer_of()))
             self.mode.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):

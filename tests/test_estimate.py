@@ -14,7 +14,7 @@ from conftest import write_jsonl
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora_pipe.config import load_recipe
-from qlora_pipe.estimate import PeakMemory, storage_bytes
+from qlora_pipe.estimate import CUDA_SLACK, GIB, PeakMemory, storages
 from qlora_pipe.train import train
 
 CONFIGS = {
@@ -42,11 +42,12 @@ CONFIGS = {
 
 def test_peak_memory_counts_live_storages_once():
     x = torch.randn(256, 256)
-    with PeakMemory(storage_bytes([x])) as pm:
+    with PeakMemory(storages([x])) as pm:
         a = x @ x
         view = a[:10]
+        x_view = x.T  # a view of a resident storage is no new memory
         b = a * 2
-        del a, view
+        del a, view, x_view
         c = b + 1
     assert pm.peak == 3 * x.nbytes and pm.current == 3 * x.nbytes  # x, a (+ its view), b; then x, b, c
     del c
@@ -83,18 +84,23 @@ def test_predicted_peak_is_within_10_percent_of_measured(name, tiny_model, write
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_predicted_peak_on_cuda_is_within_10_percent_of_the_allocator_peak(tiny_model, write_recipe, tmp_path):
-    spec, batch, seq, changes = CONFIGS["mistral, vocab 16k"]
+    """Llama-3.1-8B's widths and vocabulary with 2 layers, 2 x 2048 packed tokens, LoRA dropout: one of the shapes the
+    CUDA coefficients were measured on (measured -1.4 %); held-out checks at 32 layers are in docs/benchmarks.md."""
+    spec = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                num_key_value_heads=8, num_hidden_layers=2, vocab_size=128256, tie_word_embeddings=False)  # fmt: skip
     base = tmp_path / "base"
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec)).save_pretrained(base)
+    with torch.device("cuda"):
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec), dtype=torch.bfloat16).save_pretrained(base)
     for f in [*tiny_model("llama").glob("tokenizer*"), *tiny_model("llama").glob("special_tokens_map.json")]:
         shutil.copy(f, base)
-    rows = [{"text": " ".join(["match goal soup"] * seq)} for _ in range(8)]
+    rows = [{"text": " ".join(["match goal soup"] * 700)} for _ in range(8)]
     data = write_jsonl(tmp_path / "long.jsonl", rows)
-    recipe = write_recipe(base, model={"compute_dtype": "bfloat16"},
+    recipe = write_recipe(base, model={"compute_dtype": "bfloat16"}, lora={"r": 16, "alpha": 32, "dropout": 0.05},
                           data={"train": str(data), "eval": None, "eval_fraction": 0.0, "format": "text",
-                                "max_seq_length": seq, "max_truncated": 1.0},
-                          train={"max_steps": 2, "batch_size": batch, "save_steps": 100})  # fmt: skip
+                                "max_seq_length": 2048, "max_truncated": 1.0},
+                          train={"max_steps": 2, "batch_size": 2, "save_steps": 100, "packing": True})  # fmt: skip
     metrics = json.loads((train(load_recipe(recipe)) / "manifest.json").read_text())["metrics"]
-    slack = 1.25  # the estimate's CUDA context and allocator slack is not tensor memory
-    predicted = metrics["peak_step_memory_predicted_gib"] - slack
-    assert abs(predicted / metrics["peak_step_memory_measured_gib"] - 1) <= 0.10
+    predicted = metrics["peak_step_memory_predicted_gib"] - CUDA_SLACK / GIB  # the context is not tensor memory
+    measured = metrics["peak_step_memory_measured_gib"]
+    print(f"\npredicted {predicted:.3f} GiB, measured {measured:.3f} GiB ({predicted / measured - 1:+.1%})")
+    assert abs(predicted / measured - 1) <= 0.10

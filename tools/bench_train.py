@@ -1,11 +1,15 @@
 """Benchmark training: the vanilla stack (PEFT + bitsandbytes + TRL defaults, padding to the longest example of each
-batch) against qlora_pipe's, same model, same mixed-length data, same examples, in one run.
+batch), qlora_pipe as it was before its memory work (`today`: frozen weights upcast to fp32 as PEFT's
+prepare_model_for_kbit_training does, TRL's 4096-token LM-head tiles) and qlora_pipe now (`ours`), same model, same
+mixed-length data, same examples, in one run.
 
 Each stack runs in its own process: warm-up steps, then timed steps. Printed side by side: tokens/s of real (not
 padding) tokens, peak tensor memory of a training step (PeakMemory on the CPU, the CUDA allocator's peak on a GPU),
-share of padding tokens, and the ratios ours / vanilla.
+share of padding tokens, and the ratios against the first stack.
 
     python tools/bench_train.py                 # CPU: Llama-shaped, hidden 512, 8 layers, vocab 128256, seq 2048
+    python tools/bench_train.py --stacks today,ours --layers 4 --batch 4 --completion-share 0.5
+                                                # the memory work: 4 layers, 2 packed rows of 2048, long completions
     python tools/bench_train.py --quick         # a small shape, to check the script
     python tools/bench_train.py --gpu           # 7B-shaped random model under a 24 GB cap (needs CUDA)
 """
@@ -71,7 +75,8 @@ if stack == "vanilla":
 else:
     from qlora_pipe import train as stage
     from qlora_pipe.config import load_recipe
-    recipe = load_recipe(args["recipe"])
+    today = ["model.frozen_dtype=float32", "train.loss_chunk_tokens=4096"]
+    recipe = load_recipe(args["recipe"], today if stack == "today" else [])
     trainer, _ = stage.build_trainer(recipe)
 clock, peak = Clock(), MeasurePeak(lambda: trainer.optimizer, step=args["warmup"] + 1)
 trainer.add_callback(clock)
@@ -95,15 +100,15 @@ print("RESULT " + json.dumps({"stack": stack, "seconds": sum(timed), "real_token
 """
 
 
-def make_data(path: Path, examples: int, seq: int, seed: int = 0) -> None:
+def make_data(path: Path, examples: int, seq: int, seed: int = 0, completion_share: float = 0.25) -> None:
     """Prompt-completion examples whose total lengths spread evenly over about [seq/16, seq] tokens (the demo
-    tokenizer spends ~1.5 tokens per word)."""
+    tokenizer spends ~1.5 tokens per word), `completion_share` of each in the completion."""
     rng = random.Random(seed)
     words = ["match", "goal", "soup", "bread", "laptop", "screen", "the", "a", "good", "bad", "team", "dinner"]
     rows = []
     for _ in range(examples):
         length = int(rng.randint(seq // 16, seq) / 1.5)
-        answer = max(4, length // 4)
+        answer = max(4, int(length * completion_share))
         rows.append({"prompt": " ".join(rng.choice(words) for _ in range(length - answer)),
                      "completion": " " + " ".join(rng.choice(words) for _ in range(answer))})  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -149,17 +154,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     parser.add_argument("--packing", choices=("true", "false"), default="true", help="ours: padding-free packing")
     parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--stacks", default="vanilla,ours", help="which stacks to run (ratios need both)")
+    parser.add_argument("--stacks", default="vanilla,ours",
+                        help="which of vanilla, today, ours to run; ratios are against the first")  # fmt: skip
+    parser.add_argument("--layers", type=int, help="override the shape's number of layers")
+    parser.add_argument("--completion-share", type=float, default=0.25, help="share of each example in the answer")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="--gpu: the GPU's dense bf16 peak, for MFU")
     args = parser.parse_args()
-    shape = SHAPES["gpu" if args.gpu else "quick" if args.quick else "cpu"]
+    shape = dict(SHAPES["gpu" if args.gpu else "quick" if args.quick else "cpu"])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
     base, data = work / "base", work / "data.jsonl"
     if not (base / "config.json").exists():
         make_model(base, shape)
     warmup = 1
-    make_data(data, args.batch * (args.steps + warmup) * 2, args.seq)
+    make_data(data, args.batch * (args.steps + warmup) * 2, args.seq, completion_share=args.completion_share)
     dtype = "bfloat16" if args.gpu else "auto"
     from qlora_pipe.model import resolve_compute_dtype
 
@@ -183,10 +193,11 @@ def main() -> None:
         print(f"{name:>8}: {r['tokens_per_second']:8.1f} tokens/s ({r['real_tokens']} real tokens in "
               f"{r['seconds']:.1f} s over {r['steps']} steps), padding {r['padding_share']:.0%}, peak step memory "
               f"{r['peak_bytes'] / 2**30:.2f} GiB")  # fmt: skip
-    if len(results) == 2:
-        v, o = results["vanilla"], results["ours"]
+    first, *others = results
+    for name in others:
+        v, o = results[first], results[name]
         print(
-            f"ratio ours/vanilla: tokens/s {o['tokens_per_second'] / v['tokens_per_second']:.2f}x, "
+            f"ratio {name}/{first}: tokens/s {o['tokens_per_second'] / v['tokens_per_second']:.2f}x, "
             f"peak memory {o['peak_bytes'] / v['peak_bytes']:.2f}x"
         )
     if args.gpu:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import DEMO_DATA, ROOT
 
 from qlora_pipe import data
 from qlora_pipe.config import load_recipe
+from qlora_pipe.estimate import GIB, estimate
 from qlora_pipe.merge import REPORT, merge
 from qlora_pipe.train import train
 
@@ -32,6 +35,7 @@ def test_there_are_recipes_for_each_family_and_seed_task():
     names = {str(p.relative_to(ROOT / "recipes")) for p in RECIPES}
     for model in ("llama-2-7b", "mistral-7b", "qwen2.5-7b", "llama-3.1-8b"):
         assert {f"{model}/qlora_sft.yaml", f"{model}/loftq_sft.yaml"} <= names
+    assert {"llama-3.1-8b/qlora_sft_12gb.yaml", "mistral-7b/qlora_sft_12gb.yaml"} <= names
     assert {
         "seeds/gpt2_causal_lm.yaml",
         "seeds/bloomz_twitter_complaints.yaml",
@@ -56,8 +60,9 @@ def test_recipe_dry_run_trains_and_merges(path, tiny_like, tiny_model, tmp_path,
     d = recipe.data
     if not data.is_local(d.train):  # hub data sets: the shipped sample in the same (messages) format
         d = dataclasses.replace(d, train=str(DEMO_DATA / "train.jsonl"), eval=str(DEMO_DATA / "eval.jsonl"))
+    offload = recipe.train.activation_offloading and torch.cuda.is_available()  # CUDA only
     t = dataclasses.replace(recipe.train, max_steps=2, batch_size=2, grad_accumulation=1, eval_steps=None,
-                            logging_steps=1, save_steps=100)  # fmt: skip
+                            logging_steps=1, save_steps=100, activation_offloading=offload)  # fmt: skip
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, base=str(base)), data=d, train=t,
                                  output_dir=str(tmp_path / "run"))  # fmt: skip
     run = train(recipe)
@@ -66,3 +71,19 @@ def test_recipe_dry_run_trains_and_merges(path, tiny_like, tiny_model, tmp_path,
     merged = merge(run, verify="layers")
     report = json.loads((merged / REPORT).read_text())["modes"]["dequantized"]
     assert report["layers"] > 0 and report["max_relative_error"] < 1e-5
+
+
+HEADED = [p for p in RECIPES if "# Expected peak GPU memory:" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", HEADED, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_recipe_header_states_the_peak_the_estimate_predicts(path):
+    stated = float(re.search(r"# Expected peak GPU memory: ([\d.]+) GiB", path.read_text()).group(1))
+    predicted = estimate(load_recipe(path), "cuda", path.parent).total / GIB
+    assert stated == round(predicted, 2), f"{path}: header out of date; run python tools/recipe_headers.py"
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b/qlora_sft_12gb.yaml", "mistral-7b/qlora_sft_12gb.yaml"])
+def test_12gb_recipes_fit_12_gib_with_the_cuda_context(name):
+    path = ROOT / "recipes" / name
+    assert estimate(load_recipe(path), "cuda", path.parent).total <= 11 * GIB  # and a GiB to spare

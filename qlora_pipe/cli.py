@@ -113,12 +113,10 @@ def _estimate(args: argparse.Namespace) -> None:
     if why_not:
         print(f"note: {why_not}")
     print(f"training FLOPs per token: {estimates[0].flops_per_token / 1e6:,.1f} MFLOP")
-    offloading = (
-        {"without offloading": False, "with activation offloading": True} if args.device == "cuda" else {"": False}
-    )
-    for label, offload in offloading.items():
+    offloading = {" without offloading": False, " with activation offloading": True} if args.device == "cuda" else {}
+    for label, offload in (offloading or {"": False}).items():
         tokens = longest_sequence(recipe, args.device, limit, facts, offload)
-        print(f"longest sequence that fits {limit / GIB:.1f} GiB at batch 1 {label}: {tokens:,} tokens".rstrip())
+        print(f"longest sequence that fits {limit / GIB:.1f} GiB at batch 1{label}: {tokens:,} tokens")
     total = estimates[-1].total
     if total <= limit:
         print(f"fits in {limit / GIB:.1f} GiB")

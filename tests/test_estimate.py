@@ -14,7 +14,7 @@ from conftest import write_jsonl
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora_pipe.config import load_recipe
-from qlora_pipe.estimate import CUDA_SLACK, GIB, PeakMemory, storages
+from qlora_pipe.estimate import CUDA_SLACK, GIB, PeakMemory, estimate, storages
 from qlora_pipe.train import train
 
 CONFIGS = {
@@ -81,6 +81,51 @@ def test_predicted_peak_is_within_10_percent_of_measured(name, tiny_model, write
     assert abs(predicted / measured - 1) <= 0.10, f"{name}: predicted {predicted} GiB, measured {measured} GiB"
 
 
+# The estimate for the recipe's own data (what `train` records and `estimate` prints beside the worst case): rows of
+# ~300 prompt-completion words (packed two to a row of 1024 tokens, or padded), the completion `share` of each.
+DATA_CONFIGS = {
+    "packed, prompt-heavy, vocab 128k": (dict(hidden_size=256, intermediate_size=768, num_attention_heads=8,
+                                              num_key_value_heads=4, num_hidden_layers=2, vocab_size=128256),
+                                         0.15, {"train": {"packing": True}}),
+    "packed, long completions, vocab 128k, bf16": (dict(hidden_size=256, intermediate_size=768, num_attention_heads=8,
+                                                        num_key_value_heads=4, num_hidden_layers=2,
+                                                        vocab_size=128256),
+                                                   0.6, {"train": {"packing": True},
+                                                         "model": {"compute_dtype": "bfloat16"}}),
+    "padded rows shorter than max_seq_length": (dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6,
+                                                     num_key_value_heads=2, num_hidden_layers=3, vocab_size=16384),
+                                                0.3, {"train": {"packing": False}}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", DATA_CONFIGS)
+def test_predicted_peak_for_the_data_is_within_10_percent_of_measured(name, tiny_model, write_recipe, tmp_path):
+    spec, share, changes = DATA_CONFIGS[name]
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **spec)).save_pretrained(base)
+    for f in [*tiny_model("llama").glob("tokenizer*"), *tiny_model("llama").glob("special_tokens_map.json")]:
+        shutil.copy(f, base)
+    rng = random.Random(0)
+    vocabulary = ["match", "goal", "soup", "bread", "laptop", "screen", "the", "a", "wonderful", "awful", "team"]
+    words = lambda n: " ".join(rng.choice(vocabulary) for _ in range(n))  # noqa: E731
+    rows = [{"prompt": words(int(300 * (1 - share))), "completion": " " + words(int(300 * share))} for _ in range(16)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    sections = {"data": {"train": str(data), "eval": None, "eval_fraction": 0.0, "max_seq_length": 1024,
+                         "max_truncated": 1.0},
+                "train": {"max_steps": 2, "batch_size": 2, "save_steps": 100}}  # fmt: skip
+    for section, values in changes.items():
+        sections[section] = sections.get(section, {}) | values
+    recipe = load_recipe(write_recipe(base, **sections))
+    worst_case = estimate(recipe, "cpu").total / GIB
+    metrics = json.loads((train(recipe) / "manifest.json").read_text())["metrics"]
+    predicted, measured = metrics["peak_step_memory_predicted_gib"], metrics["peak_step_memory_measured_gib"]
+    print(f"\n{name}: predicted {predicted:.3f} GiB for the data ({worst_case:.3f} for full-length rows), measured "
+          f"{measured:.3f} GiB ({predicted / measured - 1:+.1%})")  # fmt: skip
+    assert abs(predicted / measured - 1) <= 0.10
+    assert predicted < worst_case
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_predicted_peak_on_cuda_is_within_10_percent_of_the_allocator_peak(tiny_model, write_recipe, tmp_path):
@@ -104,3 +149,22 @@ def test_predicted_peak_on_cuda_is_within_10_percent_of_the_allocator_peak(tiny_
     measured = metrics["peak_step_memory_measured_gib"]
     print(f"\npredicted {predicted:.3f} GiB, measured {measured:.3f} GiB ({predicted / measured - 1:+.1%})")
     assert abs(predicted / measured - 1) <= 0.10
+
+
+def test_estimate_command_prints_the_data_beside_the_worst_case_and_the_longest_sequence(
+    tiny_model, write_recipe, capsys
+):
+    from qlora_pipe import cli
+
+    recipe = write_recipe(tiny_model("llama"), data={"eval": None, "max_seq_length": 512}, train={"packing": False})
+    assert cli.main(["estimate", str(recipe), "--device", "cpu", "--gpu-mem", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "every row full length" in line)
+    assert "the data, padded" in header
+    peak = next(line for line in out.splitlines() if line.strip().startswith("predicted peak")).split()
+    assert peak[-1] == peak[-3] == "MiB" and float(peak[-2]) < float(peak[-4])  # rows far shorter than 512 tokens
+    assert "longest sequence that fits 1.0 GiB at batch 1:" in out and "fits in 1.0 GiB" in out
+    assert cli.main(["estimate", str(recipe), "--device", "cuda", "--gpu-mem", "1KiB"]) == 0
+    out = capsys.readouterr().out
+    assert "at batch 1 without offloading" in out and "at batch 1 with activation offloading" in out
+    assert "does not fit in 0.0 GiB" in out

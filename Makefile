@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch==2.13.0 is the CPU build that lies on this workplace's disk; a bare `torch` requirement with no torch
+# Without a CUDA GPU, torch==2.13.0 (a CPU build) is installed first: a bare `torch` requirement with no torch
 # installed would pull a multi-GB CUDA build. Where a CUDA GPU exists, plain torch (CUDA) is what we want.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)

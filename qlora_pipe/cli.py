@@ -93,7 +93,7 @@ def _estimate(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UserError(f"--gpu-mem: {e}") from None
     if args.device == "cpu" and recipe.train.activation_offloading:
-        raise UserError("train.activation_offloading needs CUDA; estimate it with --device cuda")
+        raise UserError("train.activation_offloading needs CUDA: estimate with --device cuda, or set it to false")
     facts = Path(args.recipe).parent
     estimates = [estimate(recipe, args.device, facts)]
     shape, why_not = data_step_shape(recipe)

@@ -126,12 +126,14 @@ class TrainConfig:
     activation_offloading: bool = False
     """CUDA only: keep the activations a step saves for its backward pass (with gradient checkpointing: each layer's
     input) in pinned CPU memory, copied out and back on a side stream (TRL's port of torchtune's offloading). Saves
-    about tokens × layers × hidden × 2 bytes of GPU memory for some speed; see `qlora-pipe estimate`."""
+    about tokens × layers × hidden × 2 bytes of GPU memory and needs as much pinned host memory; the copies overlap
+    compute (no slower on an H200). See `qlora-pipe estimate`."""
     tiled_mlp: bool = False
     """Run each layer's MLP over tiles of tokens, each recomputed on its own in the backward pass, so that a step
-    holds one tile's MLP activations instead of the whole micro-batch's (~0.7 GiB less for Llama-3.1-8B at 4096
-    tokens; more at longer sequences) for one more MLP forward per step. The values are unchanged. Models whose MLP
-    is not per-token (MoE blocks, BLOOM) are left as they are."""
+    holds one tile's MLP activations instead of the whole micro-batch's (0.37 GiB less for Llama-3.1-8B at 4096
+    tokens, measured; more at longer sequences). The values are unchanged, but steps are slower (one more MLP forward,
+    and the NF4 weights dequantized per tile: 2x on a small model): for long sequences, where memory is the limit.
+    Models whose MLP is not per-token (MoE blocks, BLOOM) are left as they are."""
     loss_chunk_tokens: int | Literal["auto"] = "auto"
     """Labelled tokens per tile of the fused LM head + cross-entropy (TRL's chunked log-prob head; tiles are at most
     32768 vocabulary entries wide), so that the loss's memory grows with neither sequence length nor vocabulary.

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from qlora_pipe import UserError
@@ -243,10 +244,11 @@ def tile_mlps(net: torch.nn.Module, tile_tokens: int) -> int:
 
     The MLP works on each token alone, so tiling changes no value (up to the matmul's summation order); but the
     backward of a layer then holds one tile's MLP activations instead of the whole micro-batch's: with gradient
-    checkpointing these are the largest term of a step after the weights (~14 bytes per token per intermediate unit:
-    0.8 GiB for Llama-3.1-8B at 4096 tokens). The price is one more MLP forward per step. Only modules named `mlp`
-    that take the hidden states alone and return a tensor of their shape are tiled (not MoE blocks, which also return
-    router logits, nor BLOOM's, which add the residual); returns how many were."""
+    checkpointing these are the largest activations of a step (~8 bytes per token per intermediate unit on CUDA:
+    0.45 GiB for Llama-3.1-8B at 4096 tokens). The price is one more MLP forward per step, and bitsandbytes'
+    dequantizing matmuls run once per tile (docs/benchmarks.md: 2x the step time of a small model). Only modules
+    named `mlp` that take the hidden states alone and return a tensor of their shape are tiled (not MoE blocks, which
+    also return router logits, nor BLOOM's, which add the residual); returns how many were."""
     tiled = 0
     for layer in net.modules():
         mlp = getattr(layer, "mlp", None)
@@ -264,7 +266,5 @@ def _tiled_forward(forward, tile_tokens: int, hidden: torch.Tensor) -> torch.Ten
     tokens = hidden.reshape(-1, hidden.shape[-1])
     if not torch.is_grad_enabled() or tokens.shape[0] <= tile_tokens:
         return forward(hidden)
-    from torch.utils.checkpoint import checkpoint
-
     tiles = [checkpoint(forward, tile, use_reentrant=False) for tile in tokens.split(tile_tokens)]
     return torch.cat(tiles).view(*hidden.shape[:-1], -1)

@@ -16,6 +16,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -181,8 +182,6 @@ def step_shape(dataset, recipe: Recipe, packed: bool) -> StepShape:
     raw, then packed or truncated here as TRL will): the `batch_size` longest rows (padding-free when packed, padded
     to the longest otherwise) and the most labelled positions any `batch_size` rows hold. Data order is random, so
     some step may draw them together."""
-    import numpy as np
-
     max_len, batch = recipe.data.max_seq_length, recipe.train.batch_size
     if packed and "seq_lengths" not in dataset.column_names:
         from trl import pack_dataset
@@ -208,7 +207,6 @@ class Estimate:
     step: StepShape
     flops_per_token: float
     phases: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -294,7 +292,6 @@ def predict(net: torch.nn.Module, recipe: Recipe, device: str, compute_bytes: in
     peak = max(phases, key=phases.get)
     name = "activations (layer recompute and backward)" if peak == "layers" else "LM head (fused loss tiles)"
     parts[name] = phases[peak]
-    notes = []
     if device == "cuda":
         parts["CUDA workspaces (cuBLAS)"] = CUDA_WORKSPACES
         parts["CUDA context and allocator slack"] = CUDA_SLACK
@@ -302,7 +299,7 @@ def predict(net: torch.nn.Module, recipe: Recipe, device: str, compute_bytes: in
     # weight gradient, the LoRA weights do), plus the head's forward and input gradient.
     flops = 6 * linear_params + 6 * lora + (2 if t.gradient_checkpointing else 0) * linear_params
     flops += 4 * hidden * vocab
-    return Estimate(parts, device, step, float(flops), phases, notes)
+    return Estimate(parts, device, step, float(flops), phases)
 
 
 def skeleton_for(recipe: Recipe, facts_dir: Path | None):

@@ -1,4 +1,8 @@
-"""The `qlora-pipe` command line: train, merge, generate. User errors exit with status 2 and one message."""
+"""The `qlora-pipe` command line. User errors exit with status 2 and one message.
+
+Building the parser imports no library (its choices live in config.py); each command imports its stage when it runs,
+so that `--help` and a mistyped command answer at once.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,24 @@ import os
 import signal
 import sys
 import textwrap
+from pathlib import Path
 
 import yaml
 
 from qlora_pipe import UserError, __version__
-from qlora_pipe.config import Recipe, field_docs, load_recipe, recipe_to_dict
+from qlora_pipe.config import (
+    DEVICES,
+    LABEL_TOKENS,
+    MERGE_MODES,
+    OUT_DTYPES,
+    VERIFY_LEVELS,
+    Recipe,
+    field_docs,
+    load_recipe,
+    recipe_to_dict,
+)
+from qlora_pipe.manifest import read_manifest
+from qlora_pipe.run import ADAPTER, LOFTQ_REPORT, MERGE_REPORT
 
 
 def recipe_help() -> str:
@@ -40,12 +57,11 @@ def _train(args: argparse.Namespace) -> None:
     if args.print_config:
         print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
         return
-    from qlora_pipe.manifest import read_manifest
     from qlora_pipe.train import train
 
-    out = train(recipe, args.resume)
+    out = train(recipe, resume=args.resume)
     metrics = read_manifest(out, "train")["metrics"]
-    print(f"\nadapter: {out / 'adapter'}")
+    print(f"\nadapter: {out / ADAPTER}")
     if "train_loss_first" in metrics:
         print(f"train loss {metrics['train_loss_first']:.4f} → {metrics['train_loss_last']:.4f}")
     if "eval_loss_before" in metrics:
@@ -58,21 +74,24 @@ def _train(args: argparse.Namespace) -> None:
 
 def _check_data(args: argparse.Namespace) -> None:
     from qlora_pipe import model
-    from qlora_pipe.data import TRAINED_CLOSE, TRAINED_OPEN
-    from qlora_pipe.train import prepare_data, refusal
+    from qlora_pipe.data import TRAINED_CLOSE, TRAINED_OPEN, prepare_data, refusal
 
     recipe = load_recipe(args.recipe, args.overrides)
     tokenizer, prepared, checked = prepare_data(recipe, model.check_base(recipe.model.base, recipe.model.allow_pickle))
     mask = "assistant turns" if prepared.assistant_only_loss else "completions" if prepared.format != "text" else "all"
-    print(f"format {prepared.format}; loss on {mask}; chat template {recipe.data.chat_template}; "
-          f"eos {tokenizer.eos_token!r}; pad {tokenizer.pad_token!r}")  # fmt: skip
+    print(
+        f"format {prepared.format}; loss on {mask}; chat template {recipe.data.chat_template}; "
+        f"eos {tokenizer.eos_token!r}; pad {tokenizer.pad_token!r}"
+    )
     for name, r in checked.report.items():
         t = r["tokens"]
-        print(f"{name}: {r['examples']} examples; tokens p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, "
-              f"max {t['max']}; {r['longer_than_max_seq_length']} longer than max_seq_length "
-              f"{recipe.data.max_seq_length} ({r['trained_tokens_cut']} lose trained tokens); "
-              f"{r['empty_loss_mask']} with an empty loss mask; "
-              f"{r['eos_not_trained']} with eos not trained")  # fmt: skip
+        print(
+            f"{name}: {r['examples']} examples; tokens p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, "
+            f"max {t['max']}; {r['longer_than_max_seq_length']} longer than max_seq_length "
+            f"{recipe.data.max_seq_length} ({r['trained_tokens_cut']} lose trained tokens); "
+            f"{r['empty_loss_mask']} with an empty loss mask; "
+            f"{r['eos_not_trained']} with eos not trained"
+        )
     example = checked.report["train"]["example"]
     if example is not None:
         print(f"\nfirst training example (trained tokens between {TRAINED_OPEN} and {TRAINED_CLOSE}):\n{example}")
@@ -82,8 +101,6 @@ def _check_data(args: argparse.Namespace) -> None:
 
 
 def _estimate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from qlora_pipe.estimate import GIB, advice, estimate, longest_sequence
     from qlora_pipe.shards import parse_size
 
@@ -99,8 +116,10 @@ def _estimate(args: argparse.Namespace) -> None:
     shape, why_not = data_step_shape(recipe)
     if shape is not None:
         estimates.append(estimate(recipe, args.device, facts, shape))
-    print(f"{recipe.model.base}: peak memory of one training step on {args.device}, batch {recipe.train.batch_size}, "
-          f"max_seq_length {recipe.data.max_seq_length}")  # fmt: skip
+    print(
+        f"{recipe.model.base}: peak memory of one training step on {args.device}, batch {recipe.train.batch_size}, "
+        f"max_seq_length {recipe.data.max_seq_length}"
+    )
     unit, scale = ("GiB", GIB) if estimates[0].total >= GIB else ("MiB", 2**20)
     columns = ["every row full length", *([shape.source] if shape else [])]
     print(f"  {'':<52}" + "".join(f"{c:>26}" for c in columns))
@@ -130,11 +149,9 @@ def _estimate(args: argparse.Namespace) -> None:
 def data_step_shape(recipe: Recipe):
     """The largest micro-batch of the recipe's own data, tokenized as training will (None and the reason when the
     data or the tokenizer is not on this machine)."""
-    from pathlib import Path
-
     from qlora_pipe import model
+    from qlora_pipe.data import prepare_data
     from qlora_pipe.estimate import step_shape
-    from qlora_pipe.train import prepare_data
 
     if recipe.task != "causal_lm":
         return None, "classifiers: predicted for full-length rows only"
@@ -153,16 +170,26 @@ def data_step_shape(recipe: Recipe):
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from qlora_pipe.merge import REPORT, merge
+    from qlora_pipe.merge import merge
 
-    out = merge(args.run_dir, args.mode, args.dtype, args.out, args.force, args.device, args.verify,
-                args.max_shard_size)  # fmt: skip
-    report = json.loads((out / REPORT).read_text())
+    out = merge(
+        args.run_dir,
+        mode=args.mode,
+        dtype=args.dtype,
+        out=args.out,
+        force=args.force,
+        device=args.device,
+        verify=args.verify,
+        max_shard_size=args.max_shard_size,
+    )
+    report = json.loads((out / MERGE_REPORT).read_text())
     for mode, n in report.get("modes", {}).items():
         mark = "written" if mode == report["written_mode"] else "for comparison"
         if "top1_agreement" in n:
-            numbers = (f"max |Δlogit| {n['max_abs_logit_diff']:.3g}, relative error {n['relative_error']:.3g}, "
-                       f"top-1 agreement {n['top1_agreement']:.4f}")  # fmt: skip
+            numbers = (
+                f"max |Δlogit| {n['max_abs_logit_diff']:.3g}, relative error {n['relative_error']:.3g}, "
+                f"top-1 agreement {n['top1_agreement']:.4f}"
+            )
         else:
             numbers = f"worst layer relative error {n['max_relative_error']:.3g} over {n['layers']} layers"
         print(f"{mode:>12} ({mark}) vs the trained base + adapter: {numbers}")
@@ -170,20 +197,22 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _loftq(args: argparse.Namespace) -> None:
-    from qlora_pipe.loftq import REPORT, run_loftq
+    from qlora_pipe.loftq import run_loftq
 
-    out = run_loftq(load_recipe(args.recipe, args.overrides), args.device)
-    summary = json.loads((out / REPORT).read_text())["summary"]
-    print(f"\nLoftQ over {summary['matrices']} matrices ({summary['seconds']:.1f} s): relative error "
-          f"‖W−Q‖ {summary['relative_error_q']:.4f} → ‖W−(Q+s·B·A)‖ {summary['relative_error_loftq']:.4f} "
-          f"({summary['matrices_improved']} of {summary['matrices']} matrices improved)")  # fmt: skip
+    out = run_loftq(load_recipe(args.recipe, args.overrides), device=args.device)
+    summary = json.loads((out / LOFTQ_REPORT).read_text())["summary"]
+    print(
+        f"\nLoftQ over {summary['matrices']} matrices ({summary['seconds']:.1f} s): relative error "
+        f"‖W−Q‖ {summary['relative_error_q']:.4f} → ‖W−(Q+s·B·A)‖ {summary['relative_error_loftq']:.4f} "
+        f"({summary['matrices_improved']} of {summary['matrices']} matrices improved)"
+    )
     print(f"backbone and adapter_init: {out}")
 
 
 def _eval(args: argparse.Namespace) -> None:
     from qlora_pipe.evaluate import evaluate
 
-    m = evaluate(args.path, args.data, args.out)
+    m = evaluate(args.path, data_file=args.data, out=args.out)
     print(f"{m['model']} on {m['data']}: {m['examples']} examples")
     print(f"loss {m['loss']:.4f}" + (f", perplexity {m['perplexity']:.3f}" if "perplexity" in m else ""))
     if "accuracy" in m:
@@ -202,8 +231,10 @@ def _report(args: argparse.Namespace) -> None:
     def show(value, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    print(f"{args.run_dir}: {'finished' if s['finished'] else 'not finished'}, {s['steps']} steps"
-          + (f" (resumed from {s['resumed_from']})" if s["resumed_from"] else ""))  # fmt: skip
+    print(
+        f"{args.run_dir}: {'finished' if s['finished'] else 'not finished'}, {s['steps']} steps"
+        + (f" (resumed from {s['resumed_from']})" if s["resumed_from"] else "")
+    )
     print(f"train loss     {show(s['train_loss_first'], '.4f')} → {show(s['train_loss_last'], '.4f')}")
     print(f"eval loss      {show(s['eval_loss_before'], '.4f')} → {show(s['eval_loss_after'], '.4f')}")
     print(f"learning rate  {show(s['learning_rate_last'], '.3g')} (last)")
@@ -216,7 +247,7 @@ def _report(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from qlora_pipe.generate import generate
 
-    print(generate(args.path, args.prompt, args.max_new_tokens))
+    print(generate(args.path, args.prompt, max_new_tokens=args.max_new_tokens))
 
 
 def recipe_arguments(command: argparse.ArgumentParser) -> None:
@@ -232,9 +263,6 @@ def recipe_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from qlora_pipe.evaluate import LABEL_TOKENS
-    from qlora_pipe.merge import DEVICES, MODES, OUT_DTYPES, VERIFY
-
     top = argparse.ArgumentParser(
         prog="qlora-pipe",
         description="QLoRA fine-tuning pipeline: recipe → NF4 base → all-linear LoRA → TRL SFT → verified merge.",
@@ -251,9 +279,13 @@ def parser() -> argparse.ArgumentParser:
     )
     recipe_arguments(train)
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
-    train.add_argument("--resume", default="auto", metavar="auto|never|PATH",
-                       help="auto (default): continue from the newest complete checkpoint in OUTPUT_DIR/checkpoints; "
-                            "never: start over (removes existing checkpoints); PATH: that checkpoint")  # fmt: skip
+    train.add_argument(
+        "--resume",
+        default="auto",
+        metavar="auto|never|PATH",
+        help="auto (default): continue from the newest complete checkpoint in OUTPUT_DIR/checkpoints; "
+        "never: start over (removes existing checkpoints); PATH: that checkpoint",
+    )
     train.set_defaults(func=_train)
 
     check = sub.add_parser(
@@ -288,8 +320,9 @@ def parser() -> argparse.ArgumentParser:
         "loftq_report.json, manifest.json); resumes an interrupted run. `train` with lora.init: loftq uses it.",
     )
     recipe_arguments(loftq)
-    loftq.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="where to quantize and decompose (auto: CUDA when present)")  # fmt: skip
+    loftq.add_argument(
+        "--device", choices=DEVICES, default="auto", help="where to quantize and decompose (auto: CUDA when present)"
+    )
     loftq.set_defaults(func=_loftq)
 
     merge = sub.add_parser(
@@ -301,7 +334,7 @@ def parser() -> argparse.ArgumentParser:
     merge.add_argument("run_dir", help="output directory of `qlora-pipe train`")
     merge.add_argument(
         "--mode",
-        choices=MODES,
+        choices=MERGE_MODES,
         default="dequantized",
         help="dequantized: merge into the NF4-dequantized weights the adapter was trained on "
         "(default); original: merge into the original full-precision weights",
@@ -314,12 +347,19 @@ def parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--out", help="output directory (default RUN_DIR/merged)")
     merge.add_argument("--force", action="store_true", help="merge even if the base weights changed since training")
-    merge.add_argument("--device", choices=DEVICES, default="auto",
-                       help="where to re-quantize and dequantize the base (auto: where training quantized it, "
-                            "if available here)")  # fmt: skip
-    merge.add_argument("--verify", choices=VERIFY, default="auto",
-                       help="full: whole-model logits vs NF4 base + adapter; layers: each layer on the same inputs, "
-                            "within the streaming memory bound; auto: full when the models fit in memory")  # fmt: skip
+    merge.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where to re-quantize and dequantize the base (auto: where training quantized it, if available here)",
+    )
+    merge.add_argument(
+        "--verify",
+        choices=VERIFY_LEVELS,
+        default="auto",
+        help="full: whole-model logits vs NF4 base + adapter; layers: each layer on the same inputs, "
+        "within the streaming memory bound; auto: full when the models fit in memory",
+    )
     merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     merge.set_defaults(func=_merge)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,21 @@ import yaml
 from qlora_pipe import UserError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Choices the command line offers (kept here, light to import, so that building the parser loads no library).
+DEVICES = ("auto", "cpu", "cuda")
+MERGE_MODES = ("dequantized", "original")
+OUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+VERIFY_LEVELS = ("auto", "full", "layers", "none")
+# Exact match is reported when every reference completion is at most this many tokens: label-style tasks, where
+# "the whole answer is right" is the metric. Long free-text answers get loss and perplexity only.
+LABEL_TOKENS = 16
+# TRL's fused LM head projects tiles of labelled tokens × at most this many vocabulary entries (trl.kernels).
+HEAD_TILE_VOCAB = 32768
+# `train.loss_chunk_tokens: auto`: the most labelled tokens per LM-head tile (a power of two, 64 to 4096) whose tile
+# holds at most this many logits. On the CPU each logit of a tile costs ~31 bytes (TRL's torch fold), on CUDA 2 (the
+# bf16 buffer the Triton kernel folds in place): ~0.25 GiB and 64 MiB.
+HEAD_TILE_LOGITS = {"cpu": 2**23, "cuda": 2**25}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -402,3 +419,72 @@ def field_docs(cls: type) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
+
+
+# ---- derived values: what `auto` and the LoRA settings stand for, in one place ------------------------------------
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """The factor LoRA's update B·A is scaled by: the same expressions PEFT evaluates, so the same float."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def local_device() -> str:
+    """`cuda` where a CUDA GPU is visible, else `cpu`: where this process trains and bitsandbytes quantizes."""
+    import torch  # here, not at the top: the command line reads this module to build its parser
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_choice(name: str) -> str:
+    """--device: `auto` is CUDA when present; asking for CUDA where there is none is a user error."""
+    if name == "auto":
+        return local_device()
+    if name == "cuda" and local_device() != "cuda":
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    return name
+
+
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: bf16 matmuls run ~2.7x faster than fp32 there, but ~7x slower where they are emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(name: str, device: str) -> str:
+    """The dtype `model.compute_dtype` stands for on `device`. `auto` on CUDA: bf16, or fp16 on a GPU of this machine
+    that lacks bf16 (a GPU elsewhere, for an estimate, is taken to have it); on the CPU: bf16 only where the CPU has
+    native bf16."""
+    if name != "auto":
+        return name
+    if device == "cuda":
+        import torch
+
+        fp16_only = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+        return "float16" if fp16_only else "bfloat16"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def optimizer_name(name: str, device: str) -> str:
+    """The optimizer `train.optimizer: auto` stands for on `device`."""
+    if name != "auto":
+        return name
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+
+
+def loss_chunk_tokens(value: int | str, vocab: int, device: str) -> int:
+    """Labelled tokens per LM-head tile: the recipe's `train.loss_chunk_tokens`, or the one `auto` stands for."""
+    if value != "auto":
+        return int(value)
+    tokens = HEAD_TILE_LOGITS[device] // min(vocab, HEAD_TILE_VOCAB)
+    return max(64, min(4096, 1 << (tokens.bit_length() - 1)))
+
+
+def report_to(value: str | list[str]) -> str | list[str]:
+    """The trackers `train.report_to: auto` stands for: tensorboard when it is installed."""
+    if value != "auto":
+        return value
+    return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from qlora_pipe import UserError
-from qlora_pipe.config import DataConfig
+from qlora_pipe.config import DataConfig, Recipe
+from qlora_pipe.model import load_tokenizer
 from qlora_pipe.templates import CHAT_TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -118,23 +120,36 @@ def read_rows(source: str) -> tuple[datasets.Dataset, dict]:
     if len(ds) == 0:
         raise UserError(f"{path}: contains no examples")
     hashes = {str(f.resolve()): file_sha256(f) for f in files}
-    return ds, {"path": str(path.resolve()), "sha256": hashes[str(files[0].resolve())] if path.is_file() else hashes,
-                "rows": len(ds)}  # fmt: skip
+    return ds, {
+        "path": str(path.resolve()),
+        "sha256": hashes[str(files[0].resolve())] if path.is_file() else hashes,
+        "rows": len(ds),
+    }
 
 
 def rename_columns(ds: datasets.Dataset, columns: dict[str, str] | None, source: str) -> datasets.Dataset:
     """data.columns: {format's name: the file's name}."""
     for ours, theirs in (columns or {}).items():
         if theirs not in ds.column_names:
-            raise UserError(f"data.columns: {source} has no column {theirs!r} (to read as {ours!r}); "
-                            f"its columns are {', '.join(ds.column_names)}")  # fmt: skip
+            raise UserError(
+                f"data.columns: {source} has no column {theirs!r} (to read as {ours!r}); "
+                f"its columns are {', '.join(ds.column_names)}"
+            )
         if ours != theirs:
             ds = ds.rename_column(theirs, ours)
     return ds
 
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "system": "system"}  # fmt: skip
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "system": "system",
+}
 
 
 def _sharegpt_to_messages(example: dict) -> dict:
@@ -142,8 +157,9 @@ def _sharegpt_to_messages(example: dict) -> dict:
     for turn in example["conversations"]:
         role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
         if role is None:
-            raise UserError(f"sharegpt turn with unknown `from` {turn.get('from')!r}; expected one of "
-                            f"{', '.join(SHAREGPT_ROLES)}")  # fmt: skip
+            raise UserError(
+                f"sharegpt turn with unknown `from` {turn.get('from')!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
+            )
         messages.append({"role": role, "content": turn["value"]})
     return {"messages": messages}
 
@@ -161,8 +177,10 @@ def detect_format(columns: list[str], requested: str, source: str) -> str:
         if all(c in columns for c in needed):
             return fmt
     expected = "; ".join(f"{fmt}: {', '.join(cols)}" for fmt, cols in FORMAT_COLUMNS.items())
-    raise UserError(f"{source}: cannot tell the data format from columns {', '.join(columns)}; expected {expected}; "
-                    "or map your columns with data.columns, e.g. {prompt: question, completion: answer}")  # fmt: skip
+    raise UserError(
+        f"{source}: cannot tell the data format from columns {', '.join(columns)}; expected {expected}; "
+        "or map your columns with data.columns, e.g. {prompt: question, completion: answer}"
+    )
 
 
 # Pad tokens that exist, unused, in common families' vocabularies (Llama-3's reserved pad, Qwen's endoftext, ...).
@@ -199,8 +217,10 @@ def prepare_tokenizer(tokenizer, cfg: DataConfig) -> None:
     if pad is None:
         # GPT-2 style vocabularies have a single special token. TRL pads labels with -100, so eos is still trained;
         # check-data verifies that it is.
-        logger.info("no spare pad token in the vocabulary: padding with eos %r (padding is masked by label)",
-                    tokenizer.eos_token)  # fmt: skip
+        logger.info(
+            "no spare pad token in the vocabulary: padding with eos %r (padding is masked by label)",
+            tokenizer.eos_token,
+        )
         pad = tokenizer.eos_token
     tokenizer.pad_token = pad
 
@@ -281,9 +301,12 @@ def load_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     fmt = detect_format(train.column_names, cfg.format, cfg.train)
     train, assistant_only = to_trl(train, fmt, tokenizer)
     train, evaluation, sources = with_eval(
-        cfg, train, train_src, seed,
+        cfg,
+        train,
+        train_src,
+        seed,
         lambda ds: to_trl(ds, detect_format(ds.column_names, fmt, cfg.eval), tokenizer)[0],
-    )  # fmt: skip
+    )
     return PreparedData(train, evaluation, fmt, assistant_only, sources)
 
 
@@ -342,8 +365,14 @@ def tokenize(ds: datasets.Dataset, tokenizer, assistant_only_loss: bool, name: s
     )
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # SFTConfig's own defaults use renamed transformers fields
-        args = SFTConfig(output_dir=tmp, max_length=None, assistant_only_loss=assistant_only_loss,
-                         shuffle_dataset=False, report_to="none", use_cpu=True)  # fmt: skip
+        args = SFTConfig(
+            output_dir=tmp,
+            max_length=None,
+            assistant_only_loss=assistant_only_loss,
+            shuffle_dataset=False,
+            report_to="none",
+            use_cpu=True,
+        )
         return SFTTrainer._prepare_dataset(state, ds, tokenizer, args, False, None, name)
 
 
@@ -384,14 +413,13 @@ def marked_text(ids: list[int], labels: list[int], tokenizer) -> str:
 
 def length_summary(lengths: list[int]) -> dict[str, int]:
     """Token-length percentiles and maximum of a split."""
-    import numpy as np
-
     lengths = np.array(lengths or [0])
     return {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())}
 
 
-def check_split(examples: int, tokenized: datasets.Dataset, kept: list[int], skipped: list[int], tokenizer,
-                max_len: int) -> dict:  # fmt: skip
+def check_split(
+    examples: int, tokenized: datasets.Dataset, kept: list[int], skipped: list[int], tokenizer, max_len: int
+) -> dict:
     """Counts, length percentiles and the problems of one split: `tokenized` holds rows `kept` of its `examples`;
     `skipped` are the rows with no assistant turn."""
     eos_id, is_whitespace = tokenizer.eos_token_id, _whitespace_test(tokenizer)
@@ -422,7 +450,7 @@ def check_split(examples: int, tokenized: datasets.Dataset, kept: list[int], ski
             "empty_loss_mask": sorted(empty)[:5],
             "eos_not_trained": eos_missing[:5],
             "trained_tokens_cut": cut[:5],
-        },  # fmt: skip
+        },
         "example": marked_text(tokenized[sample]["input_ids"], tokenized[sample]["labels"], tokenizer)
         if sample is not None
         else None,
@@ -498,8 +526,9 @@ def _label_ids(ds: datasets.Dataset, labels: list[str], source: str) -> datasets
     index = {name: i for i, name in enumerate(labels)}
     unknown = sorted({str(v) for v in ds["label"]} - set(index))
     if unknown:
-        raise UserError(f"{source}: labels {', '.join(unknown[:5])} do not occur in the training data "
-                        f"({', '.join(labels)})")  # fmt: skip
+        raise UserError(
+            f"{source}: labels {', '.join(unknown[:5])} do not occur in the training data ({', '.join(labels)})"
+        )
     return ds.map(lambda ex: {"label": index[str(ex["label"])]}).select_columns(["text", "label"])
 
 
@@ -523,8 +552,6 @@ def load_classification(cfg: DataConfig, seed: int) -> PreparedData:
 
 def check_classification(prepared: PreparedData, tokenizer, cfg: DataConfig) -> CheckedData:
     """Token lengths, inputs cut by max_seq_length and class balance; the splits tokenized (truncated) for training."""
-    import numpy as np
-
     tokenized, report, fatal = {}, {}, []
     for name, ds in prepared.splits().items():
         lengths = [len(ids) for ids in tokenizer(list(ds["text"]))["input_ids"]]
@@ -543,12 +570,34 @@ def check_classification(prepared: PreparedData, tokenizer, cfg: DataConfig) -> 
             "example": f"{ds[0]['text']} {TRAINED_OPEN}{prepared.labels[ds[0]['label']]}{TRAINED_CLOSE}",
         }
         if over / max(len(ds), 1) > cfg.max_truncated:
-            fatal.append(f"{name}: {over} of {len(ds)} examples ({over / len(ds):.0%}) are cut by "
-                         f"data.max_seq_length={cfg.max_seq_length} (max length {max(lengths, default=0)}); "
-                         "raise data.max_seq_length or data.max_truncated")  # fmt: skip
+            fatal.append(
+                f"{name}: {over} of {len(ds)} examples ({over / len(ds):.0%}) are cut by "
+                f"data.max_seq_length={cfg.max_seq_length} (max length {max(lengths, default=0)}); "
+                "raise data.max_seq_length or data.max_truncated"
+            )
         tokenized[name] = ds.map(
             lambda batch: tokenizer(batch["text"], truncation=True, max_length=cfg.max_seq_length),
             batched=True,
             remove_columns=["text"],
         )
     return CheckedData(tokenized, report, fatal)
+
+
+# ---- the data check, as `qlora-pipe check-data` reports it and `train` enforces it ------------------------------
+
+
+def prepare_data(recipe: Recipe, base: str) -> tuple[object, PreparedData, CheckedData]:
+    """Tokenizer (with the recipe's chat template, eos and pad), data, and the data check, before any model is
+    loaded."""
+    tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
+    prepare_tokenizer(tokenizer, recipe.data)
+    if recipe.task == "seq_cls":
+        prepared = load_classification(recipe.data, recipe.train.seed)
+        return tokenizer, prepared, check_classification(prepared, tokenizer, recipe.data)
+    prepared = load_data(recipe.data, tokenizer, recipe.train.seed)
+    return tokenizer, prepared, check(prepared, tokenizer, recipe.data)
+
+
+def refusal(checked: CheckedData) -> str:
+    problems = "\n  ".join(checked.fatal)
+    return f"the data check failed (`qlora-pipe check-data RECIPE` prints the full report):\n  {problems}"

@@ -2,9 +2,9 @@
 measurement it is checked against.
 
 The prediction sums the parts of a QLoRA training step with this pipeline's settings: NF4 weights (double quant),
-parameters left unquantized (upcast to fp32 by prepare_model_for_kbit_training), the fp32 LoRA adapter with its
-gradients and optimizer states, the layer inputs kept by gradient checkpointing, the working set of the one layer
-being recomputed, the LM head (TRL's fused head: tiles, never the full logits) and, on CUDA, the context and
+parameters left unquantized (in the load dtype, or fp32 with model.frozen_dtype: float32), the fp32 LoRA adapter
+with its gradients and optimizer states, the layer inputs kept by gradient checkpointing, the working set of the one
+layer being recomputed, the LM head (TRL's fused head: tiles, never the full logits) and, on CUDA, the context and
 allocator slack. The activation terms are per token, with coefficients measured on the CPU with `PeakMemory`, which
 counts the bytes of every tensor storage alive (not process RSS), and checked by tests/test_estimate.py.
 """
@@ -12,6 +12,8 @@ counts the bytes of every tensor storage alive (not process RSS), and checked by
 from __future__ import annotations
 
 import dataclasses
+import logging
+import resource
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +23,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
-from transformers.pytorch_utils import Conv1D
+from trl import pack_dataset
 
 from qlora_pipe import UserError
-from qlora_pipe.config import Recipe
-from qlora_pipe.model import cpu_has_native_bf16, mlp_tile_tokens
+from qlora_pipe.config import (
+    DTYPE_BYTES,
+    HEAD_TILE_VOCAB,
+    Recipe,
+    compute_dtype,
+    local_device,
+    loss_chunk_tokens,
+    optimizer_name,
+)
+from qlora_pipe.model import lora_targets, mlp_tile_tokens
+
+logger = logging.getLogger(__name__)
 
 GIB = 2**30
 
@@ -88,12 +100,6 @@ def resident_storages(net: torch.nn.Module, optimizer: torch.optim.Optimizer | N
 
 # ---- the prediction -----------------------------------------------------------------------------------------------
 
-# TRL's fused LM head projects tiles of labelled tokens × at most this many vocabulary entries (trl.kernels).
-HEAD_TILE_VOCAB = 32768
-# `train.loss_chunk_tokens: auto`: the most labelled tokens per LM-head tile (a power of two, 64 to 4096) whose tile
-# holds at most this many logits. On the CPU each logit of a tile costs ~31 bytes (TRL's torch fold), on CUDA 2 (the
-# bf16 buffer the Triton kernel folds in place): ~0.25 GiB and 64 MiB.
-HEAD_TILE_LOGITS = {"cpu": 2**23, "cuda": 2**25}
 # bitsandbytes NF4 with double quant: 4 bits per weight, one uint8 absmax per block of 64, one fp32 absmax per 256
 # blocks.
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -140,21 +146,6 @@ ACTIVATIONS = {
 }
 
 
-def loss_chunk_tokens(value: int | str, vocab: int, device: str) -> int:
-    """Labelled tokens per LM-head tile: the recipe's `train.loss_chunk_tokens`, or the one `auto` stands for."""
-    if value != "auto":
-        return int(value)
-    tokens = HEAD_TILE_LOGITS[device] // min(vocab, HEAD_TILE_VOCAB)
-    return max(64, min(4096, 1 << (tokens.bit_length() - 1)))
-
-
-def optimizer(name: str, device: str) -> str:
-    """The optimizer `auto` stands for on `device`."""
-    if name != "auto":
-        return name
-    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
-
-
 OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 # Allocated on CUDA besides the model's tensors (cuBLAS workspaces and the like): measured 39-62 MiB on an H200.
 CUDA_WORKSPACES = 48 * 2**20
@@ -184,8 +175,6 @@ def step_shape(dataset, recipe: Recipe, packed: bool) -> StepShape:
     some step may draw them together."""
     max_len, batch = recipe.data.max_seq_length, recipe.train.batch_size
     if packed and "seq_lengths" not in dataset.column_names:
-        from trl import pack_dataset
-
         dataset = pack_dataset(dataset.select_columns(["input_ids", "labels"]), max_len, "bfd")
     lengths = [min(len(ids), max_len) for ids in dataset["input_ids"]]
     # the head scores position i when the label of i + 1 is trained
@@ -213,22 +202,12 @@ class Estimate:
         return sum(self.parts.values())
 
 
-def linear_shapes(net: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """(in, out) of every linear layer (nn.Linear and GPT-2's Conv1D) but the output head."""
-    head = net.get_output_embeddings()
-    shapes = {}
-    for name, module in net.named_modules():
-        if module is head:
-            continue
-        if isinstance(module, torch.nn.Linear):
-            shapes[name] = (module.in_features, module.out_features)
-        elif isinstance(module, Conv1D):
-            shapes[name] = tuple(module.weight.shape)
-    return shapes
-
-
-def is_target(name: str, targets: str | list[str]) -> bool:
-    return targets == "all-linear" or any(name == t or name.endswith(f".{t}") for t in targets)
+def linear_shapes(modules: dict[str, torch.nn.Module]) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer (nn.Linear, or GPT-2's Conv1D whose weight is stored (in, out))."""
+    return {
+        name: (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else tuple(m.weight.shape)
+        for name, m in modules.items()
+    }
 
 
 def text_sizes(net: torch.nn.Module) -> tuple[int, int, int, int]:
@@ -240,22 +219,23 @@ def text_sizes(net: torch.nn.Module) -> tuple[int, int, int, int]:
     return hidden, layers, mlp, config.vocab_size
 
 
-def predict(net: torch.nn.Module, recipe: Recipe, device: str, compute_bytes: int,
-            step: StepShape | None = None) -> Estimate:  # fmt: skip
+def predict(
+    net: torch.nn.Module, recipe: Recipe, device: str, compute_bytes: int, step: StepShape | None = None
+) -> Estimate:
     """The peak memory of one training step of `recipe` on `net` (a meta-device skeleton of the base), for the
     micro-batch `step` (default: every row full length, every position trained)."""
     hidden, layers, mlp, vocab = text_sizes(net)
     step = step or worst_case(recipe)
     t, lo = recipe.train, recipe.lora
-    shapes = linear_shapes(net)
+    shapes = linear_shapes(lora_targets(net, "all-linear"))
     quantized = recipe.model.quantization == "nf4"
     linear_params = sum(i * o for i, o in shapes.values())
     params = {id(p): p.numel() for p in net.parameters()}  # tied weights once
     other_params = sum(params.values()) - linear_params
-    targets = {name: shape for name, shape in shapes.items() if is_target(name, lo.target_modules)}
+    targets = linear_shapes(lora_targets(net, lo.target_modules))
     lora = sum(lo.r * (i + o) for i, o in targets.values())
     frozen_bytes = 4 if recipe.model.frozen_dtype == "float32" else compute_bytes
-    opt = optimizer(t.optimizer, device)
+    opt = optimizer_name(t.optimizer, device)
     parts = {
         "base weights (NF4)" if quantized else "base weights": int(
             linear_params * (NF4_BYTES_PER_WEIGHT if quantized else frozen_bytes)
@@ -311,34 +291,35 @@ def skeleton_for(recipe: Recipe, facts_dir: Path | None):
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code)
     except OSError as e:
-        raise UserError(f"model.base: cannot read the config of {recipe.model.base}: {str(e).splitlines()[0]}; "
-                        "put its config.json beside the recipe to estimate offline") from None  # fmt: skip
+        raise UserError(
+            f"model.base: cannot read the config of {recipe.model.base}: {str(e).splitlines()[0]}; "
+            "put its config.json beside the recipe to estimate offline"
+        ) from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def compute_bytes(recipe: Recipe, device: str) -> int:
-    name = recipe.model.compute_dtype
-    if name == "auto":
-        name = "bfloat16" if device == "cuda" or cpu_has_native_bf16() else "float32"
-    return torch.finfo(getattr(torch, name)).bits // 8
+    return DTYPE_BYTES[compute_dtype(recipe.model.compute_dtype, device)]
 
 
-def estimate(recipe: Recipe, device: str = "cuda", facts_dir: Path | None = None,
-             step: StepShape | None = None) -> Estimate:  # fmt: skip
+def estimate(
+    recipe: Recipe, device: str = "cuda", facts_dir: Path | None = None, step: StepShape | None = None
+) -> Estimate:
     """Predicted peak memory of training `recipe` on `device`, from the base's config alone."""
     return predict(skeleton_for(recipe, facts_dir), recipe, device, compute_bytes(recipe, device), step)
 
 
-def advice(recipe: Recipe, device: str, limit: int, facts_dir: Path | None = None,
-           step: StepShape | None = None) -> list[str]:  # fmt: skip
+def advice(
+    recipe: Recipe, device: str, limit: int, facts_dir: Path | None = None, step: StepShape | None = None
+) -> list[str]:
     """Single changes that bring the prediction under `limit`, cheapest first."""
     net, cb = skeleton_for(recipe, facts_dir), compute_bytes(recipe, device)
     t, d = recipe.train, recipe.data
     options = []
     if not t.gradient_checkpointing:
         options.append(("train.gradient_checkpointing=true", dataclasses.replace(t, gradient_checkpointing=True), d))
-    if optimizer(t.optimizer, device) in ("adamw_torch", "paged_adamw_32bit"):
+    if optimizer_name(t.optimizer, device) in ("adamw_torch", "paged_adamw_32bit"):
         options.append(("train.optimizer=paged_adamw_8bit", dataclasses.replace(t, optimizer="paged_adamw_8bit"), d))
     if not t.tiled_mlp:
         options.append(("train.tiled_mlp=true", dataclasses.replace(t, tiled_mlp=True), d))
@@ -347,12 +328,21 @@ def advice(recipe: Recipe, device: str, limit: int, facts_dir: Path | None = Non
     for factor in (2, 4, 8):
         if t.batch_size >= factor:
             batch = t.batch_size // factor
-            options.append((f"train.batch_size={batch} train.grad_accumulation={t.grad_accumulation * factor}",
-                            dataclasses.replace(t, batch_size=batch, grad_accumulation=t.grad_accumulation * factor),
-                            d))  # fmt: skip
+            options.append(
+                (
+                    f"train.batch_size={batch} train.grad_accumulation={t.grad_accumulation * factor}",
+                    dataclasses.replace(t, batch_size=batch, grad_accumulation=t.grad_accumulation * factor),
+                    d,
+                )
+            )
     for factor in (2, 4):
-        options.append((f"data.max_seq_length={d.max_seq_length // factor}", t,
-                        dataclasses.replace(d, max_seq_length=d.max_seq_length // factor)))  # fmt: skip
+        options.append(
+            (
+                f"data.max_seq_length={d.max_seq_length // factor}",
+                t,
+                dataclasses.replace(d, max_seq_length=d.max_seq_length // factor),
+            )
+        )
     fits = []
     for label, train, data in options:
         changed = dataclasses.replace(recipe, train=train, data=data)
@@ -364,8 +354,9 @@ def advice(recipe: Recipe, device: str, limit: int, facts_dir: Path | None = Non
     return fits
 
 
-def longest_sequence(recipe: Recipe, device: str, limit: int, facts_dir: Path | None = None,
-                     offloading: bool = False) -> int:  # fmt: skip
+def longest_sequence(
+    recipe: Recipe, device: str, limit: int, facts_dir: Path | None = None, offloading: bool = False
+) -> int:
     """The longest full-length sequence (a multiple of 256) whose training step at batch 1 is predicted to fit
     `limit`, with or without activation offloading (the recipe's other settings kept)."""
     net, cb = skeleton_for(recipe, facts_dir), compute_bytes(recipe, device)
@@ -410,3 +401,35 @@ class MeasurePeak(TrainerCallback):
         elif self.mode is not None:
             self.mode.__exit__(None, None, None)
             self.peak = self.mode.peak
+
+
+def peak_memory(earlier_cuda_peak: int = 0) -> dict:
+    """Peak memory of this process: allocated tensor memory on CUDA (the larger of the allocator's peak and the one
+    it had before a reset), resident set size on the CPU."""
+    if torch.cuda.is_available():
+        peak = max(torch.cuda.max_memory_allocated(), earlier_cuda_peak)
+        return {"peak_memory_gib": round(peak / 2**30, 3), "peak_memory_of": "cuda"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_gib": round(rss / 2**20, 3), "peak_memory_of": "cpu process rss"}
+
+
+def predicted_peak(recipe: Recipe, trainer) -> int | None:
+    """The estimate for this run's largest micro-batch, logged before training starts (causal LM runs; None for
+    classifiers)."""
+    if recipe.task != "causal_lm":
+        return None
+    device = local_device()
+    net = trainer.model.get_base_model()
+    with torch.device("meta"):
+        skeleton = type(net)(net.config)
+    step = step_shape(trainer.train_dataset, recipe, packed=trainer.args.packing)
+    est = predict(skeleton, recipe, device, compute_bytes(recipe, device), step)
+    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.parts.items())
+    logger.info(
+        "predicted peak memory of a training step: %.2f GiB for %d tokens, %d of them labelled (%s)",
+        est.total / GIB,
+        step.tokens,
+        step.labelled,
+        parts,
+    )
+    return est.total

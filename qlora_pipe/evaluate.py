@@ -14,26 +14,13 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DataCollatorWithPadding
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from qlora_pipe import UserError, data
-from qlora_pipe.config import DataConfig, Recipe, recipe_from_dict
-from qlora_pipe.manifest import MANIFEST, read_manifest
-
-# Exact match is reported when every reference completion is at most this many tokens: label-style tasks, where
-# "the whole answer is right" is the metric. Long free-text answers get loss and perplexity only.
-LABEL_TOKENS = 16
-
-
-def run_recipe(path: Path) -> Recipe | None:
-    """The recipe behind a run directory, a run's adapter or a merged model (through its manifest), if any."""
-    for candidate in (path, path.parent):
-        if (candidate / MANIFEST).exists():
-            manifest = read_manifest(candidate)
-            if manifest.get("stage") == "merge":
-                return run_recipe(Path(manifest["source_run"]))
-            if manifest.get("stage") == "train":
-                return recipe_from_dict(manifest["recipe"])
-    return None
+from qlora_pipe.config import LABEL_TOKENS, DataConfig, Recipe
+from qlora_pipe.model import load_for_inference
+from qlora_pipe.run import recipe_behind
 
 
 def eval_data_config(recipe: Recipe | None, data_file: str | None) -> tuple[DataConfig, str]:
@@ -52,8 +39,6 @@ def eval_data_config(recipe: Recipe | None, data_file: str | None) -> tuple[Data
 
 def token_loss(net, tokenized, pad_id: int, batch_size: int) -> tuple[float, int]:
     """Mean cross-entropy over the trained tokens (labels != -100), summed over examples as the trainer does."""
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
     collate = DataCollatorForLanguageModeling(pad_token_id=pad_id)
     total, count = 0.0, 0
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tokenized]
@@ -87,9 +72,14 @@ def exact_match(net, tokenizer, tokenized) -> dict:
     net.eval()
     for prompt, answer in tqdm(pairs, desc="exact match", leave=False):
         with torch.no_grad():
-            out = net.generate(input_ids=torch.tensor([prompt], device=net.device), attention_mask=None,
-                               max_new_tokens=len(answer) + 2, do_sample=False, eos_token_id=stop,
-                               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            out = net.generate(
+                input_ids=torch.tensor([prompt], device=net.device),
+                attention_mask=None,
+                max_new_tokens=len(answer) + 2,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         got = tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
         want = tokenizer.decode(answer, skip_special_tokens=True).strip()
         hits += got == want
@@ -99,8 +89,6 @@ def exact_match(net, tokenizer, tokenized) -> dict:
 
 
 def classifier_metrics(net, tokenized, tokenizer, batch_size: int) -> dict:
-    from transformers import DataCollatorWithPadding
-
     collate = DataCollatorWithPadding(tokenizer)
     rows = [dict(r) for r in tokenized]
     total, hits = 0.0, 0
@@ -133,8 +121,13 @@ def evaluate_model(net, tokenizer, recipe: Recipe | None, cfg: DataConfig, batch
     tokenized = checked.tokenized[_split(cfg)]
     tokenized = tokenized.map(lambda r: {k: r[k][: cfg.max_seq_length] for k in ("input_ids", "labels")})
     loss, tokens = token_loss(net, tokenized, tokenizer.pad_token_id, batch_size)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "examples": len(tokenized), "tokens": tokens,
-            **exact_match(net, tokenizer, tokenized)}  # fmt: skip
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50)),
+        "examples": len(tokenized),
+        "tokens": tokens,
+        **exact_match(net, tokenizer, tokenized),
+    }
 
 
 def _split(cfg: DataConfig) -> str:
@@ -142,16 +135,14 @@ def _split(cfg: DataConfig) -> str:
     return "eval" if cfg.eval is None and cfg.eval_fraction > 0 else "train"
 
 
-def evaluate(path: str | Path, data_file: str | None = None, out: str | Path | None = None) -> dict:
+def evaluate(path: str | Path, *, data_file: str | None = None, out: str | Path | None = None) -> dict:
     """Evaluate a run, a merged model or a model directory; return (and optionally write) the metrics."""
-    from qlora_pipe.generate import load
-
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such directory (give a run directory, a merged model or a model directory)")
-    recipe = run_recipe(path)
+    recipe = recipe_behind(path)
     cfg, source = eval_data_config(recipe, data_file)
-    net, tokenizer, description = load(path)
+    net, tokenizer, description = load_for_inference(path)
     metrics = {"model": description, "data": source, **evaluate_model(net, tokenizer, recipe, cfg)}
     if out:
         Path(out).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")

@@ -28,17 +28,14 @@ from transformers import AutoConfig, GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
 from qlora_pipe import UserError, model
-from qlora_pipe.config import Recipe, recipe_to_dict
-from qlora_pipe.manifest import atomic_dir, fingerprint_weights, read_manifest, write_manifest
+from qlora_pipe.config import Recipe, lora_scale, recipe_to_dict
+from qlora_pipe.manifest import MANIFEST, atomic_dir, fingerprint_weights, read_manifest, write_manifest
 from qlora_pipe.quant import dequantize_fp32, quantize_nf4
+from qlora_pipe.run import ADAPTER_INIT, BACKBONE, LOFTQ, LOFTQ_PARTIAL, LOFTQ_REPORT
 from qlora_pipe.shards import OutTensor, ShardWriter, TensorRef, checkpoint_files, read_index, read_tensor
 
 logger = logging.getLogger(__name__)
 
-LOFTQ = "loftq"
-BACKBONE = "backbone"
-ADAPTER_INIT = "adapter_init"
-REPORT = "loftq_report.json"
 OVERSAMPLE = 8  # extra columns for torch.svd_lowrank
 
 
@@ -58,8 +55,9 @@ class Fit:
 
 def nf4_roundtrip(weight: torch.Tensor, quantization: dict, device: torch.device) -> torch.Tensor:
     """The fp32 weight bitsandbytes' matmul would use for `weight` quantized with the recipe's NF4 settings."""
-    packed, state = quantize_nf4(weight.to(device, getattr(torch, quantization["load_dtype"])).contiguous(),
-                                 quantization, device)  # fmt: skip
+    packed, state = quantize_nf4(
+        weight.to(device, getattr(torch, quantization["load_dtype"])).contiguous(), quantization, device
+    )
     return dequantize_fp32(packed, state)
 
 
@@ -74,8 +72,16 @@ def low_rank(residual: torch.Tensor, rank: int, svd: str) -> tuple[torch.Tensor,
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-def fit_matrix(weight: torch.Tensor, quantization: dict, rank: int, scaling: float, iters: int, svd: str,
-               storage_dtype: torch.dtype | None, device: torch.device) -> Fit:  # fmt: skip
+def fit_matrix(
+    weight: torch.Tensor,
+    quantization: dict,
+    rank: int,
+    scaling: float,
+    iters: int,
+    svd: str,
+    storage_dtype: torch.dtype | None,
+    device: torch.device,
+) -> Fit:
     """LoftQ on one (out, in) weight. `storage_dtype`: the dtype the backbone is saved in; training re-quantizes that
     stored Q, so the final A, B are fitted to the re-quantized one (None: fit to Q as found, as PEFT does)."""
     start = time.monotonic()
@@ -98,27 +104,22 @@ def fit_matrix(weight: torch.Tensor, quantization: dict, rank: int, scaling: flo
     root = math.sqrt(scaling)
     b, a = left / root, right / root
     error_loftq = torch.linalg.matrix_norm(w - (q + scaling * (b @ a))).item()
-    return Fit(q.cpu(), backbone.cpu(), a.cpu(), b.cpu(), torch.linalg.matrix_norm(w - q).item(), error_loftq,
-               torch.linalg.matrix_norm(w).item(), time.monotonic() - start)  # fmt: skip
-
-
-def lora_scaling(recipe: Recipe) -> float:
-    r, alpha = recipe.lora.r, recipe.lora.alpha
-    return alpha / math.sqrt(r) if recipe.lora.use_rslora else alpha / r
+    return Fit(
+        q.cpu(),
+        backbone.cpu(),
+        a.cpu(),
+        b.cpu(),
+        torch.linalg.matrix_norm(w - q).item(),
+        error_loftq,
+        torch.linalg.matrix_norm(w).item(),
+        time.monotonic() - start,
+    )
 
 
 def target_modules(base: Path, recipe: Recipe) -> tuple[dict[str, str], set[str]]:
     """checkpoint key → module name of every weight LoRA targets and bitsandbytes quantizes; the Conv1D modules."""
     net = model.skeleton(base, recipe.model.trust_remote_code)
-    output = net.get_output_embeddings()
-    wanted = recipe.lora.target_modules
-    modules = {}
-    for name, module in net.named_modules():
-        linear = type(module) is torch.nn.Linear or isinstance(module, Conv1D)
-        if not linear or module is output:
-            continue
-        if wanted == "all-linear" or any(name == t or name.endswith("." + t) for t in wanted):
-            modules[name] = module
+    modules = model.lora_targets(net, recipe.lora.target_modules)
     conv1d = {n for n, m in modules.items() if isinstance(m, Conv1D)}
     names = model.parameter_names(net, [r.key for r in read_index(checkpoint_files(base))])
     keys = {
@@ -127,17 +128,24 @@ def target_modules(base: Path, recipe: Recipe) -> tuple[dict[str, str], set[str]
         if name and name.endswith(".weight") and name.removesuffix(".weight") in modules
     }
     if not keys:
-        raise UserError(f"lora.target_modules: no weight of {base} matches {wanted!r}")
+        raise UserError(f"lora.target_modules: no weight of {base} matches {recipe.lora.target_modules!r}")
     return keys, conv1d
 
 
 def settings(recipe: Recipe, quantization: dict) -> dict:
     lo = recipe.lora
-    return {"r": lo.r, "alpha": lo.alpha, "use_rslora": lo.use_rslora, "target_modules": lo.target_modules,
-            "iters": lo.loftq_iters, "svd": lo.loftq_svd, "quantization": quantization}  # fmt: skip
+    return {
+        "r": lo.r,
+        "alpha": lo.alpha,
+        "use_rslora": lo.use_rslora,
+        "target_modules": lo.target_modules,
+        "iters": lo.loftq_iters,
+        "svd": lo.loftq_svd,
+        "quantization": quantization,
+    }
 
 
-def run_loftq(recipe: Recipe, device: str = "auto") -> Path:
+def run_loftq(recipe: Recipe, *, device: str = "auto") -> Path:
     """Write OUTPUT_DIR/loftq: backbone/ (Q in place of each targeted weight), adapter_init/ (a PEFT adapter with
     A, B), loftq_report.json and manifest.json. Resumes from the matrices a previous run finished."""
     base = model.local_checkpoint(model.check_base(recipe.model.base))
@@ -147,7 +155,7 @@ def run_loftq(recipe: Recipe, device: str = "auto") -> Path:
     quantization = model.nf4_settings(model.resolve_compute_dtype(recipe.model.compute_dtype))
     dev = model.compute_device(device)
     out = Path(recipe.output_dir) / LOFTQ
-    partial = Path(recipe.output_dir) / f".{LOFTQ}.partial"
+    partial = Path(recipe.output_dir) / LOFTQ_PARTIAL
     wanted = settings(recipe, quantization)
     if partial.exists() and json.loads((partial / "settings.json").read_text()) != json.loads(json.dumps(wanted)):
         shutil.rmtree(partial)
@@ -156,19 +164,33 @@ def run_loftq(recipe: Recipe, device: str = "auto") -> Path:
 
     keys, conv1d = target_modules(base, recipe)
     refs = read_index(files)
-    scaling = lora_scaling(recipe)
     lo = recipe.lora
+    scaling = lora_scale(lo.r, lo.alpha, lo.use_rslora)
     for index, ref in enumerate(tqdm([r for r in refs if r.key in keys], desc="LoftQ", unit="matrix")):
         done = partial / f"{index:05d}.safetensors"
         if done.exists():
             continue
         tensor = read_tensor(ref)
         transposed = keys[ref.key] in conv1d
-        fit = fit_matrix(tensor.T if transposed else tensor, quantization, lo.r, scaling, lo.loftq_iters,
-                         lo.loftq_svd, tensor.dtype, dev)  # fmt: skip
+        fit = fit_matrix(
+            tensor.T if transposed else tensor,
+            quantization,
+            lo.r,
+            scaling,
+            lo.loftq_iters,
+            lo.loftq_svd,
+            tensor.dtype,
+            dev,
+        )
         q = (fit.backbone.T if transposed else fit.backbone).to(tensor.dtype).contiguous()
-        facts = {"key": ref.key, "module": keys[ref.key], "error_q": fit.error_q, "error_loftq": fit.error_loftq,
-                 "norm_w": fit.norm_w, "seconds": fit.seconds}  # fmt: skip
+        facts = {
+            "key": ref.key,
+            "module": keys[ref.key],
+            "error_q": fit.error_q,
+            "error_loftq": fit.error_loftq,
+            "norm_w": fit.norm_w,
+            "seconds": fit.seconds,
+        }
         tmp = done.with_suffix(".tmp")
         save_file(
             {"q": q, "a": fit.a.contiguous(), "b": fit.b.contiguous()}, tmp, metadata={"facts": json.dumps(facts)}
@@ -177,18 +199,36 @@ def run_loftq(recipe: Recipe, device: str = "auto") -> Path:
 
     with atomic_dir(out) as tmp:
         report = write_outputs(recipe, base, refs, keys, partial, tmp, out / BACKBONE)
-        write_manifest(tmp, "loftq", recipe=recipe_to_dict(recipe), base={"path": str(base),
-                       "weights_fingerprint": fingerprint_weights(files)}, settings=wanted, device=dev.type,
-                       summary=report["summary"])  # fmt: skip
+        write_manifest(
+            tmp,
+            "loftq",
+            recipe=recipe_to_dict(recipe),
+            base={"path": str(base), "weights_fingerprint": fingerprint_weights(files)},
+            settings=wanted,
+            device=dev.type,
+            summary=report["summary"],
+        )
     shutil.rmtree(partial)
     s = report["summary"]
-    logger.info("LoftQ: %d matrices, relative error ‖W−Q‖ %.4f → ‖W−(Q+sBA)‖ %.4f, %.1f s",
-                s["matrices"], s["relative_error_q"], s["relative_error_loftq"], s["seconds"])  # fmt: skip
+    logger.info(
+        "LoftQ: %d matrices, relative error ‖W−Q‖ %.4f → ‖W−(Q+sBA)‖ %.4f, %.1f s",
+        s["matrices"],
+        s["relative_error_q"],
+        s["relative_error_loftq"],
+        s["seconds"],
+    )
     return out
 
 
-def write_outputs(recipe: Recipe, base: Path, refs: list[TensorRef], keys: dict[str, str], partial: Path,
-                  out: Path, final_backbone: Path) -> dict:  # fmt: skip
+def write_outputs(
+    recipe: Recipe,
+    base: Path,
+    refs: list[TensorRef],
+    keys: dict[str, str],
+    partial: Path,
+    out: Path,
+    final_backbone: Path,
+) -> dict:
     """Assemble backbone/ (streamed, shard by shard), adapter_init/ and the report from the per-matrix results."""
     fits = {key: partial / f"{i:05d}.safetensors" for i, key in enumerate(r.key for r in refs if r.key in keys)}
     backbone = out / BACKBONE
@@ -215,14 +255,12 @@ def write_outputs(recipe: Recipe, base: Path, refs: list[TensorRef], keys: dict[
     model.load_tokenizer(str(base), trust).save_pretrained(backbone)
     write_adapter(recipe, final_backbone, out / ADAPTER_INIT, adapter)
     report = {"matrices": rows, "summary": summarize(rows)}
-    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    (out / LOFTQ_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def write_adapter(recipe: Recipe, backbone: Path, out: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from qlora_pipe.train import lora_config
-
-    config = lora_config(recipe)
+    config = model.lora_config(recipe)
     config.base_model_name_or_path = str(backbone.resolve())
     config.target_modules = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
     config.save_pretrained(out)
@@ -246,9 +284,7 @@ def loftq_outputs(recipe: Recipe) -> tuple[Path, Path]:
     """backbone/ and adapter_init/ for training, running the stage first when its output is missing or stale."""
     out = Path(recipe.output_dir) / LOFTQ
     wanted = settings(recipe, model.nf4_settings(model.resolve_compute_dtype(recipe.model.compute_dtype)))
-    fresh = (out / "manifest.json").exists() and read_manifest(out, "loftq")["settings"] == json.loads(
-        json.dumps(wanted)
-    )
+    fresh = (out / MANIFEST).exists() and read_manifest(out, "loftq")["settings"] == json.loads(json.dumps(wanted))
     if not fresh:
         run_loftq(recipe)
     return out / BACKBONE, out / ADAPTER_INIT

@@ -1,4 +1,5 @@
-"""Model stage: find the base, choose the compute dtype for this machine, load it in NF4 (or full precision)."""
+"""Loading models: find the base, load it in NF4 (or full precision) for training, a finished run or a merged model
+for inference; and the shared builders around them: bitsandbytes' and PEFT's configs, the layers LoRA targets."""
 
 from __future__ import annotations
 
@@ -8,12 +9,22 @@ import inspect
 import logging
 from pathlib import Path
 
+import bitsandbytes as bnb
+import peft
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
+from transformers.pytorch_utils import Conv1D
 
 from qlora_pipe import UserError
-from qlora_pipe.config import ModelConfig
+from qlora_pipe.config import ModelConfig, Recipe, compute_dtype, device_choice, local_device
+from qlora_pipe.run import Run, load_run, run_dir_of
 
 logger = logging.getLogger(__name__)
 
@@ -25,26 +36,9 @@ NF4 = {"quant_type": "nf4", "double_quant": True, "blocksize": 64, "quant_storag
 HEADS = ("classifier", "score")
 
 
-def cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or AMX: bf16 matmuls run ~2.7x faster than fp32 there, but ~7x slower where they are emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_compute_dtype(name: str) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
-def device_kind() -> str:
-    """Where bitsandbytes quantizes: its CPU and CUDA quantizers may round differently, so the manifest records it."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The compute dtype `name` (`model.compute_dtype`) stands for on this machine."""
+    return getattr(torch, compute_dtype(name, local_device()))
 
 
 def check_base(base: str, allow_pickle: bool = False) -> str:
@@ -64,15 +58,46 @@ def check_base(base: str, allow_pickle: bool = False) -> str:
         raise UserError(f"model.base: {base} has a config.json but no weight files (*.safetensors)")
     if not any(path.glob("*.safetensors")) and not allow_pickle:
         pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
-        raise UserError(f"model.base: {base} holds only pickle weights ({', '.join(pickles[:3])}), which can run code "
-                        "when loaded; convert them to safetensors, or set model.allow_pickle: true if you trust "
-                        "them")  # fmt: skip
+        raise UserError(
+            f"model.base: {base} holds only pickle weights ({', '.join(pickles[:3])}), which can run code "
+            "when loaded; convert them to safetensors, or set model.allow_pickle: true if you trust "
+            "them"
+        )
     return str(path.resolve())
 
 
 def weight_files(base: str) -> list[Path]:
     path = Path(base)
     return sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def lora_targets(net: torch.nn.Module, targets: str | list[str]) -> dict[str, torch.nn.Module]:
+    """The linear layers LoRA adapts for `lora.target_modules`, by module name: `all-linear` is every linear layer
+    (nn.Linear and its subclasses, GPT-2's Conv1D) but the output head, as PEFT selects them and bitsandbytes
+    quantizes them; a list matches module names or their last components (`q_proj`)."""
+    output = net.get_output_embeddings()
+    return {
+        name: module
+        for name, module in net.named_modules()
+        if isinstance(module, torch.nn.Linear | Conv1D)
+        and module is not output
+        and (targets == "all-linear" or any(name == t or name.endswith(f".{t}") for t in targets))
+    }
+
+
+def lora_config(recipe: Recipe) -> peft.LoraConfig:
+    lo = recipe.lora
+    return peft.LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        use_rslora=lo.use_rslora,
+        # loftq: the weights come from the LoftQ stage's adapter_init/, loaded over this default
+        init_lora_weights="gaussian" if lo.init == "gaussian" else True,
+        # SEQ_CLS: PEFT trains the new classification head whole (modules_to_save) and saves it with the adapter
+        task_type="SEQ_CLS" if recipe.task == "seq_cls" else "CAUSAL_LM",
+    )
 
 
 def bnb_config(compute_dtype: torch.dtype, classifier: bool = False) -> BitsAndBytesConfig:
@@ -107,8 +132,11 @@ def head(labels: list[str] | None) -> tuple[type, dict]:
     if labels is None:
         return AutoModelForCausalLM, {}
     ids = dict(enumerate(labels))
-    return AutoModelForSequenceClassification, {"num_labels": len(labels), "id2label": ids,
-                                                "label2id": {v: k for k, v in ids.items()}}  # fmt: skip
+    return AutoModelForSequenceClassification, {
+        "num_labels": len(labels),
+        "id2label": ids,
+        "label2id": {v: k for k, v in ids.items()},
+    }
 
 
 def load_base(
@@ -143,15 +171,15 @@ def load_base(
     # adapter), trained on but never saved: the merged model could not reproduce the trained one.
     fresh = sorted(k for k in info["missing_keys"] if labels is None or not k.startswith(HEADS))
     if fresh:
-        raise UserError(f"model.base: {cfg.base} lacks weights the model needs ({', '.join(fresh[:5])}); "
-                        "it is not a complete checkpoint of this architecture")  # fmt: skip
+        raise UserError(
+            f"model.base: {cfg.base} lacks weights the model needs ({', '.join(fresh[:5])}); "
+            "it is not a complete checkpoint of this architecture"
+        )
     return net
 
 
 def skeleton(base: str | Path, trust_remote_code: bool, labels: list[str] | None = None) -> torch.nn.Module:
     """The architecture of `base` on the meta device: module types and parameter names, no weights, no memory."""
-    from transformers import AutoConfig
-
     auto, kwargs = head(labels)
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **kwargs)
     with torch.device("meta"):
@@ -170,9 +198,6 @@ def describe_quantization(net: torch.nn.Module, load_dtype: torch.dtype) -> dict
     """What the streaming merge needs to rebuild the trained weights without loading the model: which modules
     transformers quantized (and whether it transposed a GPT-2 style Conv1D weight first), and which unquantized
     parameters were loaded in a dtype other than the load dtype (models that keep some modules in fp32)."""
-    import bitsandbytes as bnb
-    from transformers.pytorch_utils import Conv1D
-
     quantized = {
         name: {"conv1d": issubclass(getattr(module, "source_cls", torch.nn.Linear), Conv1D)}
         for name, module in net.named_modules()
@@ -196,12 +221,8 @@ def local_checkpoint(base: str) -> Path:
 
 
 def compute_device(name: str) -> torch.device:
-    """`auto`: CUDA when present. Asking for CUDA where there is none is a user error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    """--device (`auto`: CUDA when present)."""
+    return torch.device(device_choice(name))
 
 
 def nf4_settings(load_dtype: torch.dtype) -> dict:
@@ -209,21 +230,38 @@ def nf4_settings(load_dtype: torch.dtype) -> dict:
     return {**NF4, "load_dtype": str(load_dtype).removeprefix("torch.")}
 
 
-def load_run_base(manifest: dict, compute_dtype: torch.dtype) -> torch.nn.Module:
-    """A run's base as training loaded it: the manifest's base (the LoftQ backbone for LoftQ runs), NF4 or not, in
-    the recorded load dtype (it sets the NF4 block scales), computing in `compute_dtype`."""
-    from qlora_pipe.config import recipe_from_dict
+def load_run_base(run: Run, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """A run's base as training loaded it: its base (the LoftQ backbone for LoftQ runs), NF4 or not, in the recorded
+    load dtype (it sets the NF4 block scales), computing in `compute_dtype`."""
+    cfg = dataclasses.replace(run.recipe.model, base=run.base)
+    load_dtype = getattr(torch, run.quantization["load_dtype"])
+    return load_base(cfg, compute_dtype, run.quantized, load_dtype, run.labels)
 
-    q = manifest["quantization"]
-    cfg = dataclasses.replace(recipe_from_dict(manifest["recipe"]).model, base=manifest["base"]["path"])
-    return load_base(cfg, compute_dtype, q["method"] == "nf4", getattr(torch, q["load_dtype"]), manifest.get("labels"))
+
+def load_for_inference(path: str | Path) -> tuple[torch.nn.Module, object, str]:
+    """(model, tokenizer, description) of a training run (base + adapter, computing as training did), a run's
+    adapter directory, or a standalone checkpoint (a merged model, a base)."""
+    path = Path(path)
+    run_dir = run_dir_of(path)
+    if run_dir is not None:
+        run = load_run(run_dir)
+        base = load_run_base(run, resolve_compute_dtype(run.recipe.model.compute_dtype))
+        if run.quantized:
+            set_cpu_bf16_fastpath(base, False)  # compute as training did, in the recipe's compute dtype
+        net = peft.PeftModel.from_pretrained(base, run.adapter)
+        return net, load_tokenizer(str(run.adapter)), f"{run_dir} (base + adapter)"
+    if (path / "config.json").exists():
+        config = AutoConfig.from_pretrained(path)
+        classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+        net = auto.from_pretrained(path, dtype="auto", device_map=device_map(), use_safetensors=True)
+        return net, load_tokenizer(str(path)), str(path)
+    raise UserError(f"{path}: not a merged model, a training run or a model directory (no config.json or manifest)")
 
 
 def set_cpu_bf16_fastpath(model: torch.nn.Module, enabled: bool) -> None:
     """bitsandbytes' no-grad CPU forward repacks NF4 weights in place and computes in bf16 on avx512_bf16 CPUs.
     Training and exact comparisons must see the dequantize-and-matmul path instead."""
-    import bitsandbytes as bnb
-
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = enabled

@@ -105,8 +105,9 @@ def fused_merge_supported(weight: torch.Tensor, quantization: dict, device: torc
     )
 
 
-def merge_nf4_rows(weight: torch.Tensor, quantization: dict, delta: torch.Tensor | None,
-                   out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+def merge_nf4_rows(
+    weight: torch.Tensor, quantization: dict, delta: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
     """(NF4-dequantized weight + delta).to(out_dtype) for an (out, in) weight, in cache-sized chunks of rows.
 
     The same arithmetic as quantizing (nf4_codes_cpu), dequantizing (code × block scale in fp32, bitsandbytes'
@@ -173,8 +174,9 @@ def nf4_layer(weight: torch.Tensor, quantization: dict, device: torch.device) ->
         quant_storage=storage,
         device="meta",
     )
-    packed, state = quantize_nf4(weight.to(getattr(torch, quantization["load_dtype"])).contiguous(), quantization,
-                                 device)  # fmt: skip
+    packed, state = quantize_nf4(
+        weight.to(getattr(torch, quantization["load_dtype"])).contiguous(), quantization, device
+    )
     layer.weight = bnb.nn.Params4bit(
         packed,
         requires_grad=False,

@@ -5,21 +5,13 @@ Works on a finished run and on one still training or interrupted (then from trai
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from qlora_pipe import UserError
-from qlora_pipe.manifest import MANIFEST
-from qlora_pipe.train import TRAIN_LOG
-
-CURVE = "loss_curve.png"
-
-
-def read_log(run: Path) -> list[dict]:
-    path = run / TRAIN_LOG
-    if not path.exists():
-        raise UserError(f"{run}: no {TRAIN_LOG}; expected the output directory of `qlora-pipe train`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from qlora_pipe.manifest import MANIFEST, read_manifest
+from qlora_pipe.run import LOSS_CURVE, read_log
 
 
 def summary(run: Path) -> dict:
@@ -27,7 +19,7 @@ def summary(run: Path) -> dict:
     records = read_log(run)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    manifest = json.loads((run / MANIFEST).read_text()) if (run / MANIFEST).exists() else {}
+    manifest = read_manifest(run) if (run / MANIFEST).exists() else {}
     metrics = manifest.get("metrics", {})
     return {
         "finished": bool(manifest),
@@ -39,29 +31,19 @@ def summary(run: Path) -> dict:
         "learning_rate_last": train[-1].get("learning_rate") if train else None,
         **{
             k: metrics.get(k)
-            for k in (
-                "tokens_seen",
-                "tokens_per_second",
-                "peak_memory_gib",
-                "peak_memory_of",
-                "train_seconds",
-                "resumed_from",
-            )
-        },  # fmt: skip
+            for k in ("tokens_seen", "tokens_per_second", "peak_memory_gib", "peak_memory_of", "train_seconds")
+        },
+        "resumed_from": metrics.get("resumed_from"),
     }
 
 
 def plot(run: Path) -> Path:
     """Train and eval loss against the step, the learning rate on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
     records = read_log(run)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig = Figure(figsize=(8, 4.5), dpi=100)  # no pyplot: no display, no global state
+    ax = fig.subplots()
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
@@ -74,9 +56,8 @@ def plot(run: Path) -> Path:
         lr.set_ylabel("learning rate", color="grey")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    out = run / CURVE
+    out = run / LOSS_CURVE
     fig.savefig(out)
-    plt.close(fig)
     return out
 
 

@@ -1,7 +1,9 @@
-"""Train stage: NF4 base → prepare_model_for_kbit_training → all-linear LoRA (PEFT) → TRL SFTTrainer → adapter.
+"""Train stage: NF4 base → all-linear LoRA (PEFT) → TRL SFTTrainer → adapter.
 
 Thin on purpose: transformers loads and quantizes, PEFT builds the adapter, TRL tokenizes, masks and trains. We map
-the recipe onto their configs, check the inputs before the model is loaded, and record what the merge needs.
+the recipe onto their configs, check the inputs before the model is loaded, and record what the merge needs. The run
+directory's layout, checkpoints and resuming are run.py's; the callbacks that log, time and stop a run are
+callbacks.py's.
 """
 
 from __future__ import annotations
@@ -9,210 +11,45 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import shutil
 import signal
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import peft
 import torch
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+import trl.kernels.chunked_logprob as trl_head
+import trl.trainer.utils as trl_utils
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from qlora_pipe import UserError, data, loftq, model
-from qlora_pipe.config import Recipe, recipe_from_dict, recipe_to_dict
-from qlora_pipe.estimate import (
-    GIB,
+from qlora_pipe.callbacks import Interrupted, LossLog, RunClock, StopControl, graceful_stop
+from qlora_pipe.config import (
     HEAD_TILE_VOCAB,
-    MeasurePeak,
-    compute_bytes,
+    Recipe,
+    local_device,
     loss_chunk_tokens,
-    optimizer,
-    predict,
-    step_shape,
-    text_sizes,
+    optimizer_name,
+    recipe_to_dict,
+    report_to,
 )
-from qlora_pipe.manifest import MANIFEST, atomic_dir, fingerprint_weights, read_manifest, write_json, write_manifest
+from qlora_pipe.estimate import GIB, MeasurePeak, peak_memory, predicted_peak, text_sizes
+from qlora_pipe.evaluate import exact_match
+from qlora_pipe.manifest import atomic_dir, fingerprint_weights, write_manifest
+from qlora_pipe.run import (
+    ADAPTER,
+    CHECKPOINTS,
+    DATA_CHECK,
+    TRAIN_LOG,
+    check_output_dir,
+    check_resume,
+    checkpoint_step,
+    resume_point,
+    resumed_state,
+    start_state,
+)
 
 logger = logging.getLogger(__name__)
-
-ADAPTER = "adapter"
-CHECKPOINTS = "checkpoints"
-TRAIN_LOG = "train_log.jsonl"
-DATA_CHECK = "data_check.json"
-# What a resumed run needs that trainer checkpoints do not hold: the recipe it started with, the eval metrics before
-# training, and the wall time spent up to each checkpoint.
-RUN_STATE = ".run_state.json"
-RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps", "train.save_steps",
-                     "train.save_total_limit", "train.report_to", "train.activation_offloading",
-                     "train.loss_chunk_tokens", "train.tiled_mlp")  # fmt: skip
-
-
-class Interrupted(UserError):
-    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the exit status says which signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-class StopControl(TrainerCallback):
-    """Stops training cleanly. After a SIGINT/SIGTERM: save a checkpoint at the end of the step, then stop. When the
-    loss or the adapter weights become non-finite: stop at once and save nothing, so the last checkpoint stays good."""
-
-    def __init__(self, params: list[torch.Tensor]):
-        self.params, self.signal, self.diverged_at = params, None, None
-
-    def _diverge(self, state, control) -> None:
-        self.diverged_at = self.diverged_at or state.global_step
-        control.should_save, control.should_evaluate, control.should_training_stop = False, False, True
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if not torch.stack([p.detach().isfinite().all() for p in self.params]).all():
-            self._diverge(state, control)
-        elif self.signal is not None:
-            control.should_save, control.should_training_stop = True, True
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs and not math.isfinite(logs["loss"]):
-            self._diverge(state, control)
-
-
-class RunClock(TrainerCallback):
-    """Wall time of the whole run across resumes, recorded at every checkpoint."""
-
-    def __init__(self, out: Path, run_state: dict, start_seconds: float):
-        self.out, self.run_state, self.start = out, run_state, time.monotonic() - start_seconds
-
-    def seconds(self) -> float:
-        return time.monotonic() - self.start
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.run_state.setdefault("seconds_at_step", {})[str(state.global_step)] = round(self.seconds(), 2)
-            write_json(self.out / RUN_STATE, self.run_state)
-
-
-@contextmanager
-def graceful_stop(stop: StopControl):
-    """The first SIGINT/SIGTERM asks `stop` to checkpoint and stop; a second one stops at once."""
-
-    def handler(signum, frame):
-        if stop.signal is not None:
-            raise SystemExit(128 + signum)
-        stop.signal = signum
-        logger.warning("%s: saving a checkpoint at the end of this step, then stopping (send it again to stop now)",
-                       signal.Signals(signum).name)  # fmt: skip
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def checkpoint_step(path: Path) -> int | None:
-    suffix = path.name.removeprefix("checkpoint-")
-    return int(suffix) if path.name.startswith("checkpoint-") and suffix.isdigit() else None
-
-
-def is_complete(checkpoint: Path) -> bool:
-    """transformers writes trainer_state.json after the weights, optimizer, scheduler and RNG states: a checkpoint
-    whose state file parses and names the checkpoint's own step was written whole."""
-    try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    files = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
-    return (
-        state.get("global_step") == checkpoint_step(checkpoint)
-        and all((checkpoint / f).is_file() for f in files)
-        and any(checkpoint.glob("rng_state*.pth"))
-    )
-
-
-def resume_point(out: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: `auto` the newest complete one (incomplete newer ones are removed with a
-    warning), `never` none (existing checkpoints are removed), or the given checkpoint directory."""
-    found = sorted((p for p in (out / CHECKPOINTS).glob("checkpoint-*") if checkpoint_step(p) is not None),
-                   key=checkpoint_step, reverse=True)  # fmt: skip
-    if resume == "never":
-        if found:
-            logger.warning(
-                "--resume never: removing the %d existing checkpoint(s) in %s", len(found), out / CHECKPOINTS
-            )
-            shutil.rmtree(out / CHECKPOINTS)
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not is_complete(path):
-            raise UserError(f"--resume {resume}: not a complete trainer checkpoint (it needs trainer_state.json, "
-                            "adapter_model.safetensors, optimizer.pt, scheduler.pt and rng_state*.pth)")  # fmt: skip
-        return path
-    for checkpoint in found:
-        if is_complete(checkpoint):
-            return checkpoint
-        logger.warning("skipping %s: it is incomplete (the run stopped while writing it); removing it", checkpoint)
-        shutil.rmtree(checkpoint)
-    return None
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    return {k: v for key, value in d.items()
-            for k, v in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and key != "columns"
-                         else {f"{prefix}{key}": value}).items()}  # fmt: skip
-
-
-def check_same_recipe(started: dict, now: dict, out: Path) -> None:
-    """A resumed run must be the run that was started; only its length and logging may change."""
-    old, new = _flat(started), _flat(now)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    blocking = [k for k in changed if k not in RESUMABLE_CHANGES]
-    if blocking:
-        raise UserError(
-            f"{out} holds a run started with a different recipe ({', '.join(blocking)} changed); resume it with "
-            "its recipe, or start over with --resume never or another output_dir"
-        )
-    if changed:
-        logger.warning("resuming with changed %s", ", ".join(changed))
-
-
-def peak_memory(earlier_cuda_peak: int = 0) -> dict:
-    """Peak memory of this process: allocated tensor memory on CUDA (the larger of the allocator's peak and the one
-    it had before a reset), resident set size on the CPU."""
-    if torch.cuda.is_available():
-        peak = max(torch.cuda.max_memory_allocated(), earlier_cuda_peak)
-        return {"peak_memory_gib": round(peak / 2**30, 3), "peak_memory_of": "cuda"}
-    import resource
-
-    return {"peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-            "peak_memory_of": "cpu process rss"}  # fmt: skip
-
-
-class LossLog(TrainerCallback):
-    """Append every log record (loss, learning rate, eval loss) to OUTPUT_DIR/train_log.jsonl as it happens."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-def check_output_dir(out: Path) -> None:
-    """Refuse to write a run into a directory that holds something else."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir: {out} exists and is not a directory")
-    markers = (MANIFEST, CHECKPOINTS, loftq.LOFTQ, f".{loftq.LOFTQ}.partial")
-    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in markers):
-        raise UserError(
-            f"output_dir: {out} exists, is not empty and is not a qlora-pipe run; choose another output_dir"
-        )
 
 
 def configure_loss_head(chunk_tokens: int, vocab_size: int) -> None:
@@ -229,9 +66,6 @@ def configure_loss_head(chunk_tokens: int, vocab_size: int) -> None:
     TRL also projects every position, prompts and padding included, off Triton devices, to keep tile shapes static
     for compilers (Neuron). Nothing recompiles on the CPU, so there we score only labelled positions too: with a large
     vocabulary that is most of a step's FLOPs. The loss and gradients are unchanged (tested)."""
-    import trl.kernels.chunked_logprob as trl_head
-    import trl.trainer.utils as trl_utils
-
     # Fail loudly if a TRL release renames what we set, rather than silently running with its defaults.
     assert hasattr(trl_head, "TOKEN_CHUNK_SIZE") and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE")
     trl_head.TOKEN_CHUNK_SIZE = chunk_tokens
@@ -252,8 +86,6 @@ def keeps_packed_examples_apart(net: torch.nn.Module, vocab_size: int) -> bool:
     on the loaded model: the logits of example b must not change when the example packed before it changes, and must
     match b run alone.
     """
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     ids = torch.randint(vocab_size, (3, 12), generator=torch.Generator().manual_seed(0)).tolist()
 
@@ -290,31 +122,9 @@ def choose_packing(recipe: Recipe, net: torch.nn.Module, vocab_size: int) -> boo
     return False
 
 
-def lora_config(recipe: Recipe) -> peft.LoraConfig:
-    lo = recipe.lora
-    return peft.LoraConfig(
-        r=lo.r,
-        lora_alpha=lo.alpha,
-        lora_dropout=lo.dropout,
-        target_modules=lo.target_modules,
-        use_rslora=lo.use_rslora,
-        # loftq: the weights come from the LoftQ stage's adapter_init/, loaded over this default
-        init_lora_weights="gaussian" if lo.init == "gaussian" else True,
-        # SEQ_CLS: PEFT trains the new classification head whole (modules_to_save) and saves it with the adapter
-        task_type="SEQ_CLS" if recipe.task == "seq_cls" else "CAUSAL_LM",
-    )
-
-
-def report_to(value: str | list[str]) -> str | list[str]:
-    import importlib.util
-
-    if value != "auto":
-        return value
-    return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
-
-
-def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eval: bool,
-                  packing: bool = False) -> TrainingArguments:  # fmt: skip
+def training_args(
+    recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eval: bool, packing: bool = False
+) -> TrainingArguments:
     """TRL's SFTConfig for causal LM (data arrives tokenized and masked, so TRL only truncates and packs), the
     transformers TrainingArguments for classification."""
     t = recipe.train
@@ -338,7 +148,7 @@ def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eva
         warmup_steps=t.warmup_ratio,  # transformers reads a value below 1 as a share of the steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=optimizer(t.optimizer, "cuda" if torch.cuda.is_available() else "cpu"),
+        optim=optimizer_name(t.optimizer, local_device()),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accumulation,
@@ -358,7 +168,7 @@ def training_args(recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eva
         include_num_input_tokens_seen="non_padding",
         bf16=compute_dtype == torch.bfloat16,
         fp16=compute_dtype == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=local_device() == "cpu",
     )
 
 
@@ -368,13 +178,15 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     out = Path(recipe.output_dir)
     check_output_dir(out)
     base = model.check_base(recipe.model.base, recipe.model.allow_pickle)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = local_device()
     if recipe.train.activation_offloading and device != "cuda":
-        raise UserError("train.activation_offloading: needs a CUDA GPU (it moves activations from GPU memory to "
-                        "pinned CPU memory; on the CPU they are in host memory already); set it to false")  # fmt: skip
-    tokenizer, prepared, checked = prepare_data(recipe, base)
+        raise UserError(
+            "train.activation_offloading: needs a CUDA GPU (it moves activations from GPU memory to "
+            "pinned CPU memory; on the CPU they are in host memory already); set it to false"
+        )
+    tokenizer, prepared, checked = data.prepare_data(recipe, base)
     if checked.fatal:
-        raise UserError(refusal(checked))
+        raise UserError(data.refusal(checked))
     compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
     quantized = recipe.model.quantization == "nf4"
     model_cfg, adapter_init = recipe.model, None
@@ -404,7 +216,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     if adapter_init:
         peft_model = peft.PeftModel.from_pretrained(base_model, adapter_init, is_trainable=True)
     else:
-        peft_model = peft.get_peft_model(base_model, lora_config(recipe))
+        peft_model = peft.get_peft_model(base_model, model.lora_config(recipe))
     packing = choose_packing(recipe, peft_model, len(tokenizer))
     out.mkdir(parents=True, exist_ok=True)
     common = dict(
@@ -440,7 +252,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
             **(model.NF4 if quantized else {}),
             "load_dtype": str(compute_dtype).removeprefix("torch."),
             "compute_dtype": str(compute_dtype).removeprefix("torch."),
-            "device_kind": model.device_kind(),
+            "device_kind": device,
             **layout,
         },
         "data": {"format": prepared.format, "assistant_only_loss": prepared.assistant_only_loss, **prepared.sources},
@@ -456,28 +268,9 @@ def accuracy(prediction) -> dict[str, float]:
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
-def prepare_data(recipe: Recipe, base: str) -> tuple[object, data.PreparedData, data.CheckedData]:
-    """Tokenizer (with the recipe's chat template, eos and pad), data, and the data check: what `check-data` reports
-    and `train` enforces, before any model is loaded."""
-    tokenizer = model.load_tokenizer(base, recipe.model.trust_remote_code)
-    data.prepare_tokenizer(tokenizer, recipe.data)
-    if recipe.task == "seq_cls":
-        prepared = data.load_classification(recipe.data, recipe.train.seed)
-        return tokenizer, prepared, data.check_classification(prepared, tokenizer, recipe.data)
-    prepared = data.load_data(recipe.data, tokenizer, recipe.train.seed)
-    return tokenizer, prepared, data.check(prepared, tokenizer, recipe.data)
-
-
-def refusal(checked: data.CheckedData) -> str:
-    problems = "\n  ".join(checked.fatal)
-    return f"the data check failed (`qlora-pipe check-data RECIPE` prints the full report):\n  {problems}"
-
-
 def eval_metrics(trainer, when: str, label_accuracy: bool) -> dict[str, float]:
     result = {k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy")}
     if label_accuracy:
-        from qlora_pipe.evaluate import exact_match
-
         match = exact_match(trainer.model, trainer.processing_class, trainer.eval_dataset)
         if not match:
             logger.warning("train.label_accuracy: the eval answers are longer than label answers; not measured")
@@ -490,33 +283,26 @@ def _loss_summary(log_history: list[dict]) -> dict:
     return {"train_loss_first": losses[0], "train_loss_last": losses[-1]} if losses else {}
 
 
-def train(recipe: Recipe, resume: str = "auto") -> Path:
+def train(recipe: Recipe, *, resume: str = "auto") -> Path:
     """Run the train stage; return the run directory (adapter/, manifest.json, checkpoints/, train_log.jsonl).
 
     `resume`: `auto` continues from the newest complete checkpoint in OUTPUT_DIR/checkpoints (data order, RNG
     states, optimizer, scheduler and step restored by the Trainer), `never` starts over, or a checkpoint path.
     """
     out = Path(recipe.output_dir)
-    if resume not in ("auto", "never"):
-        resume_point(out, resume)  # an explicit checkpoint is checked before anything is loaded
+    check_resume(resume)
     trainer, facts = build_trainer(recipe)
     checkpoint = resume_point(out, resume)
-    run_state = json.loads((out / RUN_STATE).read_text()) if checkpoint and (out / RUN_STATE).exists() else {}
     if checkpoint:
-        # Read through the recipe schema, so that keys added since the run started count at their defaults.
-        started = recipe_to_dict(recipe_from_dict(run_state["recipe"])) if "recipe" in run_state else None
-        check_same_recipe(started or recipe_to_dict(recipe), recipe_to_dict(recipe), out)
-        step = checkpoint_step(checkpoint)
-        logger.info("resuming from %s (step %d)", checkpoint, step)
-        keep_log_until(out / TRAIN_LOG, step)
-        seconds = run_state.get("seconds_at_step", {}).get(str(step), 0.0)
+        logger.info("resuming from %s (step %d)", checkpoint, checkpoint_step(checkpoint))
+        state = resumed_state(out, recipe, checkpoint)
+        seconds = state.seconds_at(checkpoint_step(checkpoint))
     else:
-        (out / TRAIN_LOG).unlink(missing_ok=True)
-        run_state, seconds = {"recipe": recipe_to_dict(recipe), "metrics_before": {}}, 0.0
+        state, seconds = start_state(out, recipe), 0.0
         if trainer.eval_dataset is not None:
-            run_state["metrics_before"] = eval_metrics(trainer, "before", recipe.train.label_accuracy)
-        write_json(out / RUN_STATE, run_state)
-    clock = RunClock(out, run_state, seconds)
+            state.metrics_before = eval_metrics(trainer, "before", recipe.train.label_accuracy)
+        state.save(out)
+    clock = RunClock(out, state, seconds)
     stop = StopControl([p for p in trainer.model.parameters() if p.requires_grad])
     peak = MeasurePeak(lambda: trainer.optimizer)
     for callback in (clock, stop, peak):
@@ -524,19 +310,8 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     predicted = predicted_peak(recipe, trainer)
     with graceful_stop(stop):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if stop.diverged_at is not None:
-        newest = resume_point(out, "auto")
-        raise UserError(
-            f"training diverged at step {stop.diverged_at}: the loss or the adapter weights became nan/inf; the "
-            f"last good checkpoint is {newest or 'none (none was written yet)'}. Lower train.learning_rate (or "
-            "raise train.warmup_ratio) and start over with --resume never"
-        )
-    if stop.signal is not None:
-        name = signal.Signals(stop.signal).name
-        raise Interrupted(f"{name}: stopped at step {trainer.state.global_step} with a checkpoint in "
-                          f"{resume_point(out, 'auto')}; run the same `qlora-pipe train` command to continue from it",
-                          stop.signal)  # fmt: skip
-    metrics = dict(run_state["metrics_before"])
+    check_stopped(stop, out, trainer.state.global_step)
+    metrics = dict(state.metrics_before)
     if trainer.eval_dataset is not None:
         metrics |= eval_metrics(trainer, "after", recipe.train.label_accuracy)
     seconds = clock.seconds()
@@ -561,36 +336,19 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     return out
 
 
-def predicted_peak(recipe: Recipe, trainer) -> int | None:
-    """The estimate for this run's largest micro-batch, logged before training starts (causal LM runs; None for
-    classifiers)."""
-    if recipe.task != "causal_lm":
-        return None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = trainer.model.get_base_model()
-    with torch.device("meta"):
-        skeleton = type(net)(net.config)
-    step = step_shape(trainer.train_dataset, recipe, packed=trainer.args.packing)
-    est = predict(skeleton, recipe, device, compute_bytes(recipe, device), step)
-    logger.info("predicted peak memory of a training step: %.2f GiB for %d tokens, %d of them labelled (%s)",
-                est.total / GIB, step.tokens, step.labelled,
-                ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.parts.items()))  # fmt: skip
-    return est.total
-
-
-def keep_log_until(path: Path, step: int) -> None:
-    """Drop the log records written after `step`: the resumed run writes them again."""
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
-
-
-def load_run(run_dir: str | Path) -> tuple[dict, Path]:
-    """The manifest of a finished training run and its adapter directory."""
-    manifest = read_manifest(run_dir, "train")
-    adapter = Path(run_dir) / manifest["adapter"]
-    if not (adapter / "adapter_config.json").exists():
-        raise UserError(f"{run_dir}: the adapter directory {adapter} is missing; re-run `qlora-pipe train`")
-    if not (adapter / "adapter_model.safetensors").exists():
-        raise UserError(f"{adapter}: no adapter_model.safetensors; adapters are read from safetensors only")
-    return manifest, adapter
+def check_stopped(stop: StopControl, out: Path, step: int) -> None:
+    """A run that diverged or was interrupted ends here, naming the checkpoint to go on from."""
+    if stop.diverged_at is not None:
+        newest = resume_point(out, "auto")
+        raise UserError(
+            f"training diverged at step {stop.diverged_at}: the loss or the adapter weights became nan/inf; the "
+            f"last good checkpoint is {newest or 'none (none was written yet)'}. Lower train.learning_rate (or "
+            "raise train.warmup_ratio) and start over with --resume never"
+        )
+    if stop.signal is not None:
+        name = signal.Signals(stop.signal).name
+        raise Interrupted(
+            f"{name}: stopped at step {step} with a checkpoint in {resume_point(out, 'auto')}; run the same "
+            "`qlora-pipe train` command to continue from it",
+            stop.signal,
+        )

@@ -92,8 +92,13 @@ def test_the_corpus_is_large_enough():
 def test_bad_input_is_answered_clearly(case, tmp_path, tiny_model, finished_run, monkeypatch, capsys):
     if case.get("needs_no_cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    ctx = {"tmp": tmp_path, "tiny": tiny_model("llama"), "data": DEMO_DATA, "run": tmp_path / "run_copy",
-           "recipe": tmp_path / "recipe.yaml"}  # fmt: skip
+    ctx = {
+        "tmp": tmp_path,
+        "tiny": tiny_model("llama"),
+        "data": DEMO_DATA,
+        "run": tmp_path / "run_copy",
+        "recipe": tmp_path / "recipe.yaml",
+    }
     prepare(case.get("setup"), tmp_path, ctx["tiny"], finished_run)
     for name, content in case.get("files", {}).items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

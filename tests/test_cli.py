@@ -98,6 +98,9 @@ def test_check_data_passes_good_data_and_train_refuses_what_it_flags(write_recip
     assert "train: 480 examples" in out and "⟦" in out and "data check passed" in out
     assert cli.main(["check-data", str(recipe), "data.max_seq_length=16"]) == 2
     assert "lose trained tokens to data.max_seq_length=16" in capsys.readouterr().err
-    assert_user_error(run_cli("train", str(recipe), "data.max_seq_length=16"), "the data check failed",
-                      "lose trained tokens to data.max_seq_length=16")  # fmt: skip
+    assert_user_error(
+        run_cli("train", str(recipe), "data.max_seq_length=16"),
+        "the data check failed",
+        "lose trained tokens to data.max_seq_length=16",
+    )
     assert not (tmp_path / "run").exists()

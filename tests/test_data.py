@@ -81,12 +81,22 @@ def test_empty_data_file_is_refused(write_recipe, tiny_model, tmp_path):
 
 
 def test_sharegpt_becomes_messages(write_recipe, tiny_model, tmp_path):
-    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Say yes."},
-                               {"from": "gpt", "value": "yes"}]}] * 4  # fmt: skip
+    rows = [
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Say yes."},
+                {"from": "gpt", "value": "yes"},
+            ]
+        }
+    ] * 4
     text, trained, tok, facts = prepared(write_recipe, tiny_model, tmp_path, rows)
     assert facts["data"]["format"] == "sharegpt" and facts["data"]["assistant_only_loss"]
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say yes."},
-                {"role": "assistant", "content": "yes"}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say yes."},
+        {"role": "assistant", "content": "yes"},
+    ]
     assert text == tok.apply_chat_template(messages, tokenize=False)
     assert trained == f"yes{tok.eos_token}"
 
@@ -96,8 +106,12 @@ def test_column_mapping_and_directories(write_recipe, tiny_model, tmp_path):
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", [{"question": "Capital of France?", "answer": " Paris"}] * 2)
     write_jsonl(folder / "b.jsonl", [{"question": "Capital of Italy?", "answer": " Rome"}] * 2)
-    data = {"train": str(folder), "eval": None, "eval_fraction": 0.0,
-            "columns": {"prompt": "question", "completion": "answer"}}  # fmt: skip
+    data = {
+        "train": str(folder),
+        "eval": None,
+        "eval_fraction": 0.0,
+        "columns": {"prompt": "question", "completion": "answer"},
+    }
     trainer, facts = build_trainer(load_recipe(write_recipe(tiny_model("llama"), data=data)))
     examples = sum(len(row["seq_lengths"]) for row in trainer.train_dataset)  # packed rows
     assert facts["data"]["format"] == "prompt-completion" and examples == 4
@@ -106,7 +120,8 @@ def test_column_mapping_and_directories(write_recipe, tiny_model, tmp_path):
 
 def test_column_mapping_names_a_missing_column(write_recipe, tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "a": "y"}])
-    recipe = load_recipe(write_recipe(tiny_model("llama"), data={"train": str(data), "eval": None,
-                                                                   "columns": {"prompt": "question"}}))  # fmt: skip
+    recipe = load_recipe(
+        write_recipe(tiny_model("llama"), data={"train": str(data), "eval": None, "columns": {"prompt": "question"}})
+    )
     with pytest.raises(UserError, match=r"data.columns: .* has no column 'question'"):
         build_trainer(recipe)

@@ -96,12 +96,20 @@ BF16_CASES = {
     "qwen2, tied embeddings": ("qwen2", {}),
     "gpt2, tied embeddings, conv1d": ("gpt2", {}),
     "llama, LoRA on the embeddings": ("llama", {"lora": {"target_modules": ["q_proj", "v_proj", "embed_tokens"]}}),
-    "llama classifier, head trained whole": ("llama", {
-        "task": "seq_cls",
-        "data": {"train": str(SST2 / "train.jsonl"), "eval": str(SST2 / "eval.jsonl"), "format": "classification",
-                 "columns": {"text": "sentence"}, "max_seq_length": 64},
-    }),
-}  # fmt: skip
+    "llama classifier, head trained whole": (
+        "llama",
+        {
+            "task": "seq_cls",
+            "data": {
+                "train": str(SST2 / "train.jsonl"),
+                "eval": str(SST2 / "eval.jsonl"),
+                "format": "classification",
+                "columns": {"text": "sentence"},
+                "max_seq_length": 64,
+            },
+        },
+    ),
+}
 
 
 @pytest.mark.parametrize("case", BF16_CASES)

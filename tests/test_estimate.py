@@ -18,26 +18,85 @@ from qlora_pipe.estimate import CUDA_SLACK, GIB, PeakMemory, estimate, storages
 from qlora_pipe.train import train
 
 CONFIGS = {
-    "qwen2 tied, batch 2": (dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_attention_heads=4,
-                                 num_key_value_heads=2, num_hidden_layers=3, vocab_size=4096,
-                                 tie_word_embeddings=True), 2, 768, {}),
-    "mistral, vocab 16k": (dict(model_type="mistral", hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                                num_key_value_heads=1, num_hidden_layers=2, vocab_size=16384,
-                                sliding_window=4096), 1, 1024, {}),
-    "gpt2 conv1d, batch 3": (dict(model_type="gpt2", n_embd=128, n_head=4, n_layer=4, vocab_size=8192,
-                                  n_positions=2048), 3, 512, {}),
-    "llama, vocab 48k (two tiles)": (dict(model_type="llama", hidden_size=192, intermediate_size=512,
-                                          num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=2,
-                                          vocab_size=48000), 1, 384, {}),
-    "llama bf16 compute, r 64": (dict(model_type="llama", hidden_size=256, intermediate_size=768,
-                                      num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=3,
-                                      vocab_size=6000), 2, 640, {"model": {"compute_dtype": "bfloat16"},
-                                                                   "lora": {"r": 64, "alpha": 64}}),
-    "llama q/v only, 8-bit adam": (dict(model_type="llama", hidden_size=320, intermediate_size=640,
-                                        num_attention_heads=5, num_key_value_heads=5, num_hidden_layers=5,
-                                        vocab_size=3000), 1, 1536, {"lora": {"target_modules": ["q_proj", "v_proj"]},
-                                                                     "train": {"optimizer": "adamw_8bit"}}),
-}  # fmt: skip
+    "qwen2 tied, batch 2": (
+        dict(
+            model_type="qwen2",
+            hidden_size=128,
+            intermediate_size=384,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=3,
+            vocab_size=4096,
+            tie_word_embeddings=True,
+        ),
+        2,
+        768,
+        {},
+    ),
+    "mistral, vocab 16k": (
+        dict(
+            model_type="mistral",
+            hidden_size=256,
+            intermediate_size=512,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            num_hidden_layers=2,
+            vocab_size=16384,
+            sliding_window=4096,
+        ),
+        1,
+        1024,
+        {},
+    ),
+    "gpt2 conv1d, batch 3": (
+        dict(model_type="gpt2", n_embd=128, n_head=4, n_layer=4, vocab_size=8192, n_positions=2048),
+        3,
+        512,
+        {},
+    ),
+    "llama, vocab 48k (two tiles)": (
+        dict(
+            model_type="llama",
+            hidden_size=192,
+            intermediate_size=512,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            vocab_size=48000,
+        ),
+        1,
+        384,
+        {},
+    ),
+    "llama bf16 compute, r 64": (
+        dict(
+            model_type="llama",
+            hidden_size=256,
+            intermediate_size=768,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            num_hidden_layers=3,
+            vocab_size=6000,
+        ),
+        2,
+        640,
+        {"model": {"compute_dtype": "bfloat16"}, "lora": {"r": 64, "alpha": 64}},
+    ),
+    "llama q/v only, 8-bit adam": (
+        dict(
+            model_type="llama",
+            hidden_size=320,
+            intermediate_size=640,
+            num_attention_heads=5,
+            num_key_value_heads=5,
+            num_hidden_layers=5,
+            vocab_size=3000,
+        ),
+        1,
+        1536,
+        {"lora": {"target_modules": ["q_proj", "v_proj"]}, "train": {"optimizer": "adamw_8bit"}},
+    ),
+}
 
 
 def test_peak_memory_counts_live_storages_once():
@@ -68,9 +127,17 @@ def test_predicted_peak_is_within_10_percent_of_measured(name, tiny_model, write
     vocabulary = ["match", "goal", "soup", "bread", "laptop", "screen", "the", "a", "wonderful", "awful", "team"]
     rows = [{"text": " ".join(rng.choice(vocabulary) for _ in range(seq * 2))} for _ in range(8)]
     data = write_jsonl(tmp_path / "long.jsonl", rows)
-    sections = {"data": {"train": str(data), "eval": None, "eval_fraction": 0.0, "format": "text",
-                         "max_seq_length": seq, "max_truncated": 1.0},
-                "train": {"max_steps": 2, "batch_size": batch, "save_steps": 100}}  # fmt: skip
+    sections = {
+        "data": {
+            "train": str(data),
+            "eval": None,
+            "eval_fraction": 0.0,
+            "format": "text",
+            "max_seq_length": seq,
+            "max_truncated": 1.0,
+        },
+        "train": {"max_steps": 2, "batch_size": batch, "save_steps": 100},
+    }
     for section, values in changes.items():
         sections[section] = sections.get(section, {}) | values
     run = train(load_recipe(write_recipe(base, **sections)))
@@ -84,18 +151,43 @@ def test_predicted_peak_is_within_10_percent_of_measured(name, tiny_model, write
 # The estimate for the recipe's own data (what `train` records and `estimate` prints beside the worst case): rows of
 # ~300 prompt-completion words (packed two to a row of 1024 tokens, or padded), the completion `share` of each.
 DATA_CONFIGS = {
-    "packed, prompt-heavy, vocab 128k": (dict(hidden_size=256, intermediate_size=768, num_attention_heads=8,
-                                              num_key_value_heads=4, num_hidden_layers=2, vocab_size=128256),
-                                         0.15, {"train": {"packing": True}}),
-    "packed, long completions, vocab 128k, bf16": (dict(hidden_size=256, intermediate_size=768, num_attention_heads=8,
-                                                        num_key_value_heads=4, num_hidden_layers=2,
-                                                        vocab_size=128256),
-                                                   0.6, {"train": {"packing": True},
-                                                         "model": {"compute_dtype": "bfloat16"}}),
-    "padded rows shorter than max_seq_length": (dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6,
-                                                     num_key_value_heads=2, num_hidden_layers=3, vocab_size=16384),
-                                                0.3, {"train": {"packing": False}}),
-}  # fmt: skip
+    "packed, prompt-heavy, vocab 128k": (
+        dict(
+            hidden_size=256,
+            intermediate_size=768,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            num_hidden_layers=2,
+            vocab_size=128256,
+        ),
+        0.15,
+        {"train": {"packing": True}},
+    ),
+    "packed, long completions, vocab 128k, bf16": (
+        dict(
+            hidden_size=256,
+            intermediate_size=768,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            num_hidden_layers=2,
+            vocab_size=128256,
+        ),
+        0.6,
+        {"train": {"packing": True}, "model": {"compute_dtype": "bfloat16"}},
+    ),
+    "padded rows shorter than max_seq_length": (
+        dict(
+            hidden_size=384,
+            intermediate_size=1024,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            num_hidden_layers=3,
+            vocab_size=16384,
+        ),
+        0.3,
+        {"train": {"packing": False}},
+    ),
+}
 
 
 @pytest.mark.parametrize("name", DATA_CONFIGS)
@@ -111,17 +203,20 @@ def test_predicted_peak_for_the_data_is_within_10_percent_of_measured(name, tiny
     words = lambda n: " ".join(rng.choice(vocabulary) for _ in range(n))  # noqa: E731
     rows = [{"prompt": words(int(300 * (1 - share))), "completion": " " + words(int(300 * share))} for _ in range(16)]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    sections = {"data": {"train": str(data), "eval": None, "eval_fraction": 0.0, "max_seq_length": 1024,
-                         "max_truncated": 1.0},
-                "train": {"max_steps": 2, "batch_size": 2, "save_steps": 100}}  # fmt: skip
+    sections = {
+        "data": {"train": str(data), "eval": None, "eval_fraction": 0.0, "max_seq_length": 1024, "max_truncated": 1.0},
+        "train": {"max_steps": 2, "batch_size": 2, "save_steps": 100},
+    }
     for section, values in changes.items():
         sections[section] = sections.get(section, {}) | values
     recipe = load_recipe(write_recipe(base, **sections))
     worst_case = estimate(recipe, "cpu").total / GIB
     metrics = json.loads((train(recipe) / "manifest.json").read_text())["metrics"]
     predicted, measured = metrics["peak_step_memory_predicted_gib"], metrics["peak_step_memory_measured_gib"]
-    print(f"\n{name}: predicted {predicted:.3f} GiB for the data ({worst_case:.3f} for full-length rows), measured "
-          f"{measured:.3f} GiB ({predicted / measured - 1:+.1%})")  # fmt: skip
+    print(
+        f"\n{name}: predicted {predicted:.3f} GiB for the data ({worst_case:.3f} for full-length rows), measured "
+        f"{measured:.3f} GiB ({predicted / measured - 1:+.1%})"
+    )
     assert abs(predicted / measured - 1) <= 0.10
     assert predicted < worst_case
 
@@ -131,8 +226,16 @@ def test_predicted_peak_for_the_data_is_within_10_percent_of_measured(name, tiny
 def test_predicted_peak_on_cuda_is_within_10_percent_of_the_allocator_peak(tiny_model, write_recipe, tmp_path):
     """Llama-3.1-8B's widths and vocabulary with 2 layers, 2 x 2048 packed tokens, LoRA dropout: one of the shapes the
     CUDA coefficients were measured on (measured -1.4 %); held-out checks at 32 layers are in docs/benchmarks.md."""
-    spec = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                num_key_value_heads=8, num_hidden_layers=2, vocab_size=128256, tie_word_embeddings=False)  # fmt: skip
+    spec = dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=2,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    )
     base = tmp_path / "base"
     with torch.device("cuda"):
         AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec), dtype=torch.bfloat16).save_pretrained(base)
@@ -140,10 +243,20 @@ def test_predicted_peak_on_cuda_is_within_10_percent_of_the_allocator_peak(tiny_
         shutil.copy(f, base)
     rows = [{"text": " ".join(["match goal soup"] * 700)} for _ in range(8)]
     data = write_jsonl(tmp_path / "long.jsonl", rows)
-    recipe = write_recipe(base, model={"compute_dtype": "bfloat16"}, lora={"r": 16, "alpha": 32, "dropout": 0.05},
-                          data={"train": str(data), "eval": None, "eval_fraction": 0.0, "format": "text",
-                                "max_seq_length": 2048, "max_truncated": 1.0},
-                          train={"max_steps": 2, "batch_size": 2, "save_steps": 100, "packing": True})  # fmt: skip
+    recipe = write_recipe(
+        base,
+        model={"compute_dtype": "bfloat16"},
+        lora={"r": 16, "alpha": 32, "dropout": 0.05},
+        data={
+            "train": str(data),
+            "eval": None,
+            "eval_fraction": 0.0,
+            "format": "text",
+            "max_seq_length": 2048,
+            "max_truncated": 1.0,
+        },
+        train={"max_steps": 2, "batch_size": 2, "save_steps": 100, "packing": True},
+    )
     metrics = json.loads((train(load_recipe(recipe)) / "manifest.json").read_text())["metrics"]
     predicted = metrics["peak_step_memory_predicted_gib"] - CUDA_SLACK / GIB  # the context is not tensor memory
     measured = metrics["peak_step_memory_measured_gib"]

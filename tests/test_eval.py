@@ -29,9 +29,16 @@ def test_eval_of_a_run_and_its_merge_agree_with_training(write_recipe, tiny_mode
 
 def test_eval_of_a_classifier_reports_the_trainers_accuracy(tiny_like, write_recipe, tmp_path):
     sst2 = ROOT / "data" / "seeds" / "sst2"
-    recipe = write_recipe(tiny_like("recipes/seeds/bert-base-uncased"), task="seq_cls",
-                          data={"train": str(sst2 / "train.jsonl"), "eval": str(sst2 / "eval.jsonl"),
-                                "columns": {"text": "sentence"}, "format": "classification"})  # fmt: skip
+    recipe = write_recipe(
+        tiny_like("recipes/seeds/bert-base-uncased"),
+        task="seq_cls",
+        data={
+            "train": str(sst2 / "train.jsonl"),
+            "eval": str(sst2 / "eval.jsonl"),
+            "columns": {"text": "sentence"},
+            "format": "classification",
+        },
+    )
     run = train(load_recipe(recipe))
     trained = json.loads((run / "manifest.json").read_text())
     assert trained["labels"] == ["0", "1"] and "eval_accuracy_after" in trained["metrics"]

@@ -14,9 +14,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from qlora_pipe import cli, loftq, model
-from qlora_pipe.config import load_recipe
+from qlora_pipe.config import load_recipe, lora_scale
 from qlora_pipe.model import NF4
 from qlora_pipe.quant import dequantize_fp32
+from qlora_pipe.run import ADAPTER_INIT, BACKBONE, LOFTQ, LOFTQ_REPORT
 
 EXACT_NO_DQ = {**NF4, "double_quant": False, "load_dtype": "float32"}
 
@@ -31,8 +32,9 @@ def weight(out_f=256, in_f=512, seed=0) -> torch.Tensor:
 
 def peft_loftq_init_on_cpu():
     """PEFT's loftq_init with its hard-coded CUDA/XPU device replaced by the CPU, everything else untouched."""
-    source = inspect.getsource(peft_loftq.loftq_init.__wrapped__ if hasattr(peft_loftq.loftq_init, "__wrapped__")
-                               else peft_loftq.loftq_init)  # fmt: skip
+    source = inspect.getsource(
+        peft_loftq.loftq_init.__wrapped__ if hasattr(peft_loftq.loftq_init, "__wrapped__") else peft_loftq.loftq_init
+    )
     patched = source.replace('"xpu" if is_xpu_available() else "cuda"', '"cpu"').replace("@torch.no_grad()\n", "")
     assert patched != source
     namespace = dict(vars(peft_loftq))
@@ -43,8 +45,9 @@ def peft_loftq_init_on_cpu():
 def test_matches_peft_where_both_are_defined():
     """alpha == r, no double quant, exact SVD, fitted to Q as found (no re-quantized backbone): the same algorithm."""
     w = weight()
-    fit = loftq.fit_matrix(w, EXACT_NO_DQ, rank=8, scaling=1.0, iters=3, svd="exact", storage_dtype=None,
-                           device=torch.device("cpu"))  # fmt: skip
+    fit = loftq.fit_matrix(
+        w, EXACT_NO_DQ, rank=8, scaling=1.0, iters=3, svd="exact", storage_dtype=None, device=torch.device("cpu")
+    )
     q, lora_a, lora_b = peft_loftq_init_on_cpu()(w, num_bits=4, reduced_rank=8, num_iter=3)
     torch.testing.assert_close(fit.q, q, rtol=0, atol=1e-6)
     torch.testing.assert_close(fit.b @ fit.a, lora_b @ lora_a, rtol=1e-4, atol=1e-6)
@@ -56,8 +59,9 @@ def test_alpha_not_r_beats_peft():
     """PEFT sets B·A ≈ W − Q and the adapter then adds s·B·A: with alpha = 4r (s = 4) it overshoots."""
     w = weight()
     scaling = 4.0
-    fit = loftq.fit_matrix(w, EXACT_NO_DQ, rank=8, scaling=scaling, iters=3, svd="exact", storage_dtype=None,
-                           device=torch.device("cpu"))  # fmt: skip
+    fit = loftq.fit_matrix(
+        w, EXACT_NO_DQ, rank=8, scaling=scaling, iters=3, svd="exact", storage_dtype=None, device=torch.device("cpu")
+    )
     q, lora_a, lora_b = peft_loftq_init_on_cpu()(w, num_bits=4, reduced_rank=8, num_iter=3)
     ours = torch.linalg.matrix_norm(w - (fit.q + scaling * fit.b @ fit.a))
     theirs = torch.linalg.matrix_norm(w - (q + scaling * lora_b @ lora_a))
@@ -84,14 +88,14 @@ def loftq_recipe(write_recipe, tiny_model):
 
 def test_every_matrix_error_falls(loftq_recipe, tmp_path):
     out = loftq.run_loftq(load_recipe(loftq_recipe))
-    report = json.loads((out / loftq.REPORT).read_text())
+    report = json.loads((out / LOFTQ_REPORT).read_text())
     assert report["summary"]["matrices"] == 2 * 7
     assert all(row["error_loftq"] < row["error_q"] for row in report["matrices"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "loftq" and manifest["settings"]["quantization"]["double_quant"] is True
     # the reported ‖W − Q‖ is about the Q training loads: the stored backbone, re-quantized by transformers
     recipe = load_recipe(loftq_recipe)
-    loaded = model.load_base(load_recipe_model(out / loftq.BACKBONE), torch.float32, True, torch.float32)
+    loaded = model.load_base(load_recipe_model(out / BACKBONE), torch.float32, True, torch.float32)
     original = load_file(model.weight_files(recipe.model.base)[0])
     for row in report["matrices"]:
         param = loaded.get_parameter(row["module"] + ".weight")
@@ -123,17 +127,17 @@ def test_initial_model_is_closer_to_full_precision_than_nf4_and_than_peft_scalin
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     full = initial_logits(tiny_model("llama"), None, ids, quantized=False)
     plain_nf4 = initial_logits(tiny_model("llama"), None, ids)
-    ours = initial_logits(out / loftq.BACKBONE, out / loftq.ADAPTER_INIT, ids)
+    ours = initial_logits(out / BACKBONE, out / ADAPTER_INIT, ids)
     # the same fit stored the way PEFT's loftq_init would leave it (B·A ≈ W − Q, not (W − Q)/s)
-    scale = math.sqrt(loftq.lora_scaling(recipe))
+    scale = math.sqrt(lora_scale(recipe.lora.r, recipe.lora.alpha, recipe.lora.use_rslora))
     peft_style = tmp_path / "peft_style"
     peft_style.mkdir()
-    tensors = {k: v * scale for k, v in load_file(out / loftq.ADAPTER_INIT / "adapter_model.safetensors").items()}
+    tensors = {k: v * scale for k, v in load_file(out / ADAPTER_INIT / "adapter_model.safetensors").items()}
     from safetensors.torch import save_file
 
     save_file(tensors, peft_style / "adapter_model.safetensors")
-    (peft_style / "adapter_config.json").write_bytes((out / loftq.ADAPTER_INIT / "adapter_config.json").read_bytes())
-    theirs = initial_logits(out / loftq.BACKBONE, peft_style, ids)
+    (peft_style / "adapter_config.json").write_bytes((out / ADAPTER_INIT / "adapter_config.json").read_bytes())
+    theirs = initial_logits(out / BACKBONE, peft_style, ids)
 
     def distance(x):
         return (torch.linalg.vector_norm(x - full) / torch.linalg.vector_norm(full)).item()
@@ -155,7 +159,7 @@ def test_interrupted_run_resumes_and_equals_an_uninterrupted_one(loftq_recipe, m
     monkeypatch.setattr(loftq, "fit_matrix", crash_after_five)
     with pytest.raises(KeyboardInterrupt):
         loftq.run_loftq(recipe)
-    assert not (tmp_path / "run" / loftq.LOFTQ).exists()
+    assert not (tmp_path / "run" / LOFTQ).exists()
     calls.clear()
     monkeypatch.setattr(loftq, "fit_matrix", lambda *a, **k: (calls.append(1), real_fit(*a, **k))[1])
     out = loftq.run_loftq(recipe)

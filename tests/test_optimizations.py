@@ -83,9 +83,13 @@ def test_tiled_mlp_leaves_the_loss_and_gradients_unchanged(arch, write_recipe, t
 def test_activation_offloading_trains_the_same_losses(write_recipe, tiny_model, tmp_path):
     runs = {}
     for offload in (False, True):
-        recipe = write_recipe(tiny_model("llama"), model={"compute_dtype": "bfloat16"}, lora={"dropout": 0.0},
-                              train={"max_steps": 4, "activation_offloading": offload},
-                              output_dir=str(tmp_path / f"offload_{offload}"))  # fmt: skip
+        recipe = write_recipe(
+            tiny_model("llama"),
+            model={"compute_dtype": "bfloat16"},
+            lora={"dropout": 0.0},
+            train={"max_steps": 4, "activation_offloading": offload},
+            output_dir=str(tmp_path / f"offload_{offload}"),
+        )
         run = train(load_recipe(recipe))
         runs[offload] = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     losses = {k: [r["loss"] for r in v if "loss" in r] for k, v in runs.items()}

@@ -45,8 +45,9 @@ def test_quantize_nf4_equals_library_quantize_4bit(double_quant):
     weight = cases()[0]
     settings = {**QUANT, "double_quant": double_quant}
     packed, state = quantize_nf4(weight, settings, torch.device("cpu"))
-    ref_packed, ref_state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant,
-                                                         quant_type="nf4")  # fmt: skip
+    ref_packed, ref_state = bnb.functional.quantize_4bit(
+        weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4"
+    )
     assert torch.equal(packed, ref_packed)
     assert torch.equal(dequantize_fp32(packed, state), dequantize_fp32(ref_packed, ref_state))
 

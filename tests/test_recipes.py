@@ -17,7 +17,8 @@ from conftest import DEMO_DATA, ROOT
 from qlora_pipe import data
 from qlora_pipe.config import load_recipe
 from qlora_pipe.estimate import GIB, estimate
-from qlora_pipe.merge import REPORT, merge
+from qlora_pipe.merge import merge
+from qlora_pipe.run import MERGE_REPORT
 from qlora_pipe.train import train
 
 RECIPES = sorted(ROOT.glob("recipes/**/*.yaml"))
@@ -61,15 +62,28 @@ def test_recipe_dry_run_trains_and_merges(path, tiny_like, tiny_model, tmp_path,
     if not data.is_local(d.train):  # hub data sets: the shipped sample in the same (messages) format
         d = dataclasses.replace(d, train=str(DEMO_DATA / "train.jsonl"), eval=str(DEMO_DATA / "eval.jsonl"))
     offload = recipe.train.activation_offloading and torch.cuda.is_available()  # CUDA only
-    t = dataclasses.replace(recipe.train, max_steps=2, batch_size=2, grad_accumulation=1, eval_steps=None,
-                            logging_steps=1, save_steps=100, activation_offloading=offload)  # fmt: skip
-    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, base=str(base)), data=d, train=t,
-                                 output_dir=str(tmp_path / "run"))  # fmt: skip
+    t = dataclasses.replace(
+        recipe.train,
+        max_steps=2,
+        batch_size=2,
+        grad_accumulation=1,
+        eval_steps=None,
+        logging_steps=1,
+        save_steps=100,
+        activation_offloading=offload,
+    )
+    recipe = dataclasses.replace(
+        recipe,
+        model=dataclasses.replace(recipe.model, base=str(base)),
+        data=d,
+        train=t,
+        output_dir=str(tmp_path / "run"),
+    )
     run = train(recipe)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 2
     merged = merge(run, verify="layers")
-    report = json.loads((merged / REPORT).read_text())["modes"]["dequantized"]
+    report = json.loads((merged / MERGE_REPORT).read_text())["modes"]["dequantized"]
     assert report["layers"] > 0 and report["max_relative_error"] < 1e-5
 
 

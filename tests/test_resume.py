@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from qlora_pipe import UserError
+from qlora_pipe import run as run_dir
 from qlora_pipe import train as train_stage
 from qlora_pipe.config import load_recipe
 
@@ -55,8 +56,9 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def interrupted(recipe: Path, how: str, at: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", INTERRUPT, how, str(at), str(recipe)], capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", INTERRUPT, how, str(at), str(recipe)], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture
@@ -65,9 +67,12 @@ def resumable(write_recipe, tiny_model, tmp_path):
     state matters), evaluation before and after."""
 
     def recipe(name: str) -> Path:
-        path = write_recipe(tiny_model("llama"), lora={"dropout": 0.1},
-                            train={"max_steps": STEPS, "save_steps": 3, "save_total_limit": 10},
-                            output_dir=str(tmp_path / name))  # fmt: skip
+        path = write_recipe(
+            tiny_model("llama"),
+            lora={"dropout": 0.1},
+            train={"max_steps": STEPS, "save_steps": 3, "save_total_limit": 10},
+            output_dir=str(tmp_path / name),
+        )
         return path.rename(tmp_path / f"{name}.yaml")
 
     return recipe
@@ -84,15 +89,13 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(resumable, tmp_path):
     second = interrupted(recipe, "kill-in-save", 9)  # resumes from 3, dies while writing checkpoint-9
     assert second.returncode == -9 and "resuming from" in second.stderr
     half = run / "checkpoints" / "checkpoint-9"
-    assert (
-        half.is_dir() and not train_stage.is_complete(half) and train_stage.is_complete(half.with_name("checkpoint-6"))
-    )
+    assert half.is_dir() and not run_dir.is_complete(half) and run_dir.is_complete(half.with_name("checkpoint-6"))
 
     third = interrupted(recipe, "term", 10)  # skips the half-written checkpoint-9, resumes from 6
     assert "skipping" in third.stderr and "checkpoint-9: it is incomplete" in third.stderr
     assert third.returncode == 128 + 15, third.stderr
     assert "stopped at step 10 with a checkpoint in" in third.stderr and "Traceback" not in third.stderr
-    assert train_stage.is_complete(run / "checkpoints" / "checkpoint-10")
+    assert run_dir.is_complete(run / "checkpoints" / "checkpoint-10")
 
     fourth = interrupted(recipe, "kill", 11)  # resumes from 10
     assert fourth.returncode == -9 and "checkpoint-10 (step 10)" in fourth.stderr
@@ -139,6 +142,10 @@ def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(resum
 def test_resume_refuses_a_changed_recipe(resumable, tmp_path):
     recipe = resumable("changed")
     assert interrupted(recipe, "kill", 4).returncode == -9
-    result = subprocess.run([sys.executable, "-m", "qlora_pipe.cli", "train", str(recipe), "lora.r=4"],
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "qlora_pipe.cli", "train", str(recipe), "lora.r=4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 2 and "started with a different recipe (lora.r changed)" in result.stderr

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from qlora_pipe import UserError, cli, merge, shards
-from qlora_pipe.train import load_run
+from qlora_pipe.config import MERGE_MODES
+from qlora_pipe.run import MERGE_REPORT, load_run
 
 
 def trained_run(write_recipe, base, tmp_path, **sections):
@@ -27,8 +28,7 @@ def written_tensors(merged_dir) -> dict[str, torch.Tensor]:
 
 
 def assert_bitwise_equal_to_in_memory(run, merged_dir, mode, out_dtype):
-    manifest, adapter = load_run(run)
-    expected = merge.merge_in_memory(manifest, adapter, mode, out_dtype).state_dict()
+    expected = merge.merge_in_memory(load_run(run), mode, out_dtype).state_dict()
     written = written_tensors(merged_dir)
     assert written, "nothing written"
     for key, tensor in written.items():
@@ -46,11 +46,12 @@ CASES = [
 
 
 @pytest.mark.parametrize(("arch", "compute", "rslora"), CASES)
-def test_streaming_output_is_bitwise_identical_to_in_memory_merge(arch, compute, rslora, tiny_model, write_recipe,
-                                                                  tmp_path):  # fmt: skip
+def test_streaming_output_is_bitwise_identical_to_in_memory_merge(
+    arch, compute, rslora, tiny_model, write_recipe, tmp_path
+):
     lora = {"use_rslora": rslora, "alpha": 32}
     run = trained_run(write_recipe, tiny_model(arch), tmp_path, model={"compute_dtype": compute}, lora=lora)
-    for mode in merge.MODES:
+    for mode in MERGE_MODES:
         out = tmp_path / mode
         merge.merge(run, mode=mode, dtype="float32", out=out, verify="none")
         assert_bitwise_equal_to_in_memory(run, out, mode, torch.float32)
@@ -75,7 +76,7 @@ def test_sharded_base_and_sharded_output(tiny_model, write_recipe, tmp_path):
     assert len(files) > 1 and all((out / f).exists() for f in files)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written_tensors(out).values())
     assert_bitwise_equal_to_in_memory(run, out, "dequantized", torch.float32)
-    report = json.loads((out / merge.REPORT).read_text())
+    report = json.loads((out / MERGE_REPORT).read_text())
     assert report["modes"]["dequantized"]["relative_error"] <= 1e-5
     AutoModelForCausalLM.from_pretrained(out)  # plain transformers loads the sharded output
 
@@ -118,7 +119,7 @@ def test_cuda_device_without_a_gpu_is_a_user_error(tiny_model, write_recipe, tmp
 def test_layer_verification_within_the_streaming_bound(tiny_model, write_recipe, tmp_path):
     run = trained_run(write_recipe, tiny_model("qwen2"), tmp_path)
     merge.merge(run, dtype="float32", verify="layers")
-    report = json.loads((run / "merged" / merge.REPORT).read_text())
+    report = json.loads((run / "merged" / MERGE_REPORT).read_text())
     dequantized, original = report["modes"]["dequantized"], report["modes"]["original"]
     assert report["verify"] == "layers" and dequantized["layers"] == 2 * 7
     assert dequantized["max_relative_error"] <= 1e-5
@@ -131,15 +132,16 @@ def test_trained_embeddings_and_modules_to_save(tiny_model, write_recipe, tmp_pa
     run = trained_run(write_recipe, base, tmp_path)
     torch.manual_seed(1)
     net = AutoModelForCausalLM.from_pretrained(base)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"],
-                             modules_to_save=["lm_head"])  # fmt: skip
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"]
+    )
     net = peft.get_peft_model(net, config)
     with torch.no_grad():
         for name, param in net.named_parameters():
             if "lora_B" in name or "lora_embedding_B" in name or "modules_to_save" in name:
                 param.add_(torch.randn_like(param) * 0.05)
     net.save_pretrained(run / "adapter")
-    for mode in merge.MODES:
+    for mode in MERGE_MODES:
         merge.merge(run, mode=mode, dtype="float32", out=tmp_path / mode, verify="none")
         assert_bitwise_equal_to_in_memory(run, tmp_path / mode, mode, torch.float32)
 
@@ -153,11 +155,12 @@ def test_size_parsing():
 
 def test_full_precision_lora_run_merges_exactly_and_verifies_by_layer(tiny_model, write_recipe, tmp_path):
     """quantization: none (plain LoRA on a bf16-loaded base): the same merge, with no NF4 step."""
-    run = trained_run(write_recipe, tiny_model("llama"), tmp_path, model={"quantization": "none",
-                                                                          "compute_dtype": "bfloat16"})  # fmt: skip
+    run = trained_run(
+        write_recipe, tiny_model("llama"), tmp_path, model={"quantization": "none", "compute_dtype": "bfloat16"}
+    )
     merge.merge(run, dtype="float32", out=tmp_path / "m", verify="none")
     assert_bitwise_equal_to_in_memory(run, tmp_path / "m", "dequantized", torch.float32)
     merge.merge(run, dtype="float32", verify="layers")
-    report = json.loads((run / "merged" / merge.REPORT).read_text())
+    report = json.loads((run / "merged" / MERGE_REPORT).read_text())
     assert report["modes"]["dequantized"]["layers"] == 2 * 7
     assert report["modes"]["dequantized"]["max_relative_error"] <= 1e-5

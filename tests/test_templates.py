@@ -7,11 +7,11 @@ import pytest
 from conftest import CHAT, write_jsonl
 
 from qlora_pipe.config import load_recipe
-from qlora_pipe.data import TRAINED_CLOSE, TRAINED_OPEN
-from qlora_pipe.train import prepare_data
+from qlora_pipe.data import TRAINED_CLOSE, TRAINED_OPEN, prepare_data
 
-SHAREGPT = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
-            for m in CHAT]  # fmt: skip
+SHAREGPT = [
+    {"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in CHAT
+]
 
 # family facts dir, built-in template, eos the turns end with, expected pad, text of one trained assistant turn
 FAMILIES = {
@@ -91,8 +91,10 @@ def test_template_whose_turns_end_with_another_token_than_eos_is_fatal(tiny_like
     assert prepared.assistant_only_loss  # TRL swaps in its training version of the Qwen2.5 template
     assert result.report["train"]["eos_not_trained"] == 3
     assert result.report["train"]["trained_spans_end_with"] == {"<|im_end|>": 3}
-    assert any("ends with '<|im_end|>', not with the eos token '<|endoftext|>'" in p and "data.chat_template" in p
-               for p in result.fatal)  # fmt: skip
+    assert any(
+        "ends with '<|im_end|>', not with the eos token '<|endoftext|>'" in p and "data.chat_template" in p
+        for p in result.fatal
+    )
 
 
 def test_builtin_template_missing_its_tokens_is_a_user_error(tiny_like, write_recipe, tmp_path):
@@ -113,6 +115,7 @@ def test_check_flags_empty_masks_and_truncation(tiny_model, write_recipe, tmp_pa
     _, _, result = checked(tmp_path, write_recipe, tiny_model("llama"), [{"messages": CHAT}] * 4, max_seq_length=12)
     assert result.report["train"]["trained_tokens_cut"] == 4
     assert any("lose trained tokens to data.max_seq_length=12" in p for p in result.fatal)
-    _, _, result = checked(tmp_path, write_recipe, tiny_model("llama"), [{"messages": CHAT}] * 4, max_seq_length=12,
-                           max_truncated=1.0)  # fmt: skip
+    _, _, result = checked(
+        tmp_path, write_recipe, tiny_model("llama"), [{"messages": CHAT}] * 4, max_seq_length=12, max_truncated=1.0
+    )
     assert not result.fatal

@@ -61,8 +61,12 @@ def child(kind: str, shape_name: str) -> None:
 
 
 def measure(kind: str, shape_name: str) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", kind, shape_name], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", kind, shape_name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         sys.exit(f"{kind} {shape_name} failed")

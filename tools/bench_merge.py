@@ -48,8 +48,15 @@ model.save_pretrained(out)
 
 def linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
     h, i = s["hidden"], s["intermediate"]
-    return {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}  # fmt: skip
+    return {
+        "q_proj": (h, h),
+        "k_proj": (h, h),
+        "v_proj": (h, h),
+        "o_proj": (h, h),
+        "gate_proj": (i, h),
+        "up_proj": (i, h),
+        "down_proj": (h, i),
+    }
 
 
 def base_tensors(s: dict) -> list[OutTensor]:
@@ -60,8 +67,10 @@ def base_tensors(s: dict) -> list[OutTensor]:
         for name, shape in linear_shapes(s).items():
             group = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             tensors.append(OutTensor(f"{prefix}.{group}.{name}.weight", bf16, list(shape)))
-        tensors += [OutTensor(f"{prefix}.input_layernorm.weight", bf16, [h]),
-                    OutTensor(f"{prefix}.post_attention_layernorm.weight", bf16, [h])]  # fmt: skip
+        tensors += [
+            OutTensor(f"{prefix}.input_layernorm.weight", bf16, [h]),
+            OutTensor(f"{prefix}.post_attention_layernorm.weight", bf16, [h]),
+        ]
     return tensors + [OutTensor("model.norm.weight", bf16, [h]), OutTensor("lm_head.weight", bf16, [s["vocab"], h])]
 
 
@@ -70,9 +79,15 @@ def make_base(base: Path, s: dict) -> None:
     from transformers import LlamaConfig
 
     base.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
-                         num_attention_heads=s["heads"], num_key_value_heads=s["heads"], vocab_size=s["vocab"],
-                         dtype="bfloat16")  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=s["hidden"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["heads"],
+        vocab_size=s["vocab"],
+        dtype="bfloat16",
+    )
     config.save_pretrained(base)
     tensors = base_tensors(s)
     writer = ShardWriter(base, tensors, 5 * 10**9)
@@ -100,17 +115,36 @@ def make_run(run: Path, base: Path, s: dict, rank: int = 16) -> None:
             weights[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * 0.01
             weights[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.01
     save_file(weights, adapter / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
-              "target_modules": list(LINEAR), "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
-              "base_model_name_or_path": str(base)}  # fmt: skip
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "target_modules": list(LINEAR),
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "base_model_name_or_path": str(base),
+    }
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     for f in base.glob("tokenizer*"):
         shutil.copy(f, adapter / f.name)
-    recipe = {"model": {"base": str(base), "compute_dtype": "bfloat16"}, "data": {"train": "unused.jsonl"},
-              "output_dir": str(run)}  # fmt: skip
+    recipe = {
+        "model": {"base": str(base), "compute_dtype": "bfloat16"},
+        "data": {"train": "unused.jsonl"},
+        "output_dir": str(run),
+    }
     files = sorted(base.glob("*.safetensors"))
-    quantization = {"method": "nf4", **NF4, "load_dtype": "bfloat16", "compute_dtype": "bfloat16",
-                    "device_kind": "cpu", "quantized_modules": quantized, "unquantized_dtypes": {}}  # fmt: skip
+    quantization = {
+        "method": "nf4",
+        **NF4,
+        "load_dtype": "bfloat16",
+        "compute_dtype": "bfloat16",
+        "device_kind": "cpu",
+        "quantized_modules": quantized,
+        "unquantized_dtypes": {},
+    }
     base_facts = {"path": str(base), "model_type": "llama", "weights_fingerprint": fingerprint_weights(files)}
     write_manifest(run, "train", recipe=recipe, adapter="adapter", base=base_facts, quantization=quantization)
 
@@ -124,8 +158,12 @@ def measure(label: str, argv: list[str], out: Path) -> dict:
     if status != 0:
         sys.exit(f"{label} failed: {child.stderr.read()[-2000:]}")
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    result = {"wall_s": wall, "written_gb": written / 1e9, "mb_per_s": written / 1e6 / wall,
-              "peak_rss_gib": usage.ru_maxrss * 1024 / 2**30}  # fmt: skip
+    result = {
+        "wall_s": wall,
+        "written_gb": written / 1e9,
+        "mb_per_s": written / 1e6 / wall,
+        "peak_rss_gib": usage.ru_maxrss * 1024 / 2**30,
+    }
     for key, value in result.items():
         print(f"{label:<28} {key:<14} {value:10.2f}", flush=True)
     return result

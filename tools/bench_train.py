@@ -26,13 +26,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {
-    "cpu": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8,
-                num_hidden_layers=8, vocab_size=128256),
-    "quick": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
-                  num_hidden_layers=2, vocab_size=32000),
-    "gpu": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                num_hidden_layers=32, vocab_size=32000),
-}  # fmt: skip
+    "cpu": dict(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        num_hidden_layers=8,
+        vocab_size=128256,
+    ),
+    "quick": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=2,
+        vocab_size=32000,
+    ),
+    "gpu": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=32,
+        vocab_size=32000,
+    ),
+}
 
 STACK = r"""
 import json, sys, time, torch
@@ -109,8 +127,12 @@ def make_data(path: Path, examples: int, seq: int, seed: int = 0, completion_sha
     for _ in range(examples):
         length = int(rng.randint(seq // 16, seq) / 1.5)
         answer = max(4, int(length * completion_share))
-        rows.append({"prompt": " ".join(rng.choice(words) for _ in range(length - answer)),
-                     "completion": " " + " ".join(rng.choice(words) for _ in range(answer))})  # fmt: skip
+        rows.append(
+            {
+                "prompt": " ".join(rng.choice(words) for _ in range(length - answer)),
+                "completion": " " + " ".join(rng.choice(words) for _ in range(answer)),
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -122,8 +144,10 @@ def make_model(out: Path, shape: dict) -> None:
     from make_tiny_model import build_tokenizer, corpus_lines
 
     tokenizer = build_tokenizer(corpus_lines(ROOT / "data" / "tiny" / "train.jsonl"), 512)
-    ids = {f"{k}_token_id": tokenizer.convert_tokens_to_ids(t) for k, t in
-           (("bos", "<|bos|>"), ("eos", "<|im_end|>"), ("pad", "<|pad|>"))}  # fmt: skip
+    ids = {
+        f"{k}_token_id": tokenizer.convert_tokens_to_ids(t)
+        for k, t in (("bos", "<|bos|>"), ("eos", "<|im_end|>"), ("pad", "<|pad|>"))
+    }
     config = AutoConfig.for_model("llama", max_position_embeddings=8192, tie_word_embeddings=False, **shape, **ids)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
@@ -133,8 +157,11 @@ def make_model(out: Path, shape: dict) -> None:
 def launch(stack: str, base: Path, data: Path, out: Path, args: dict) -> subprocess.CompletedProcess:
     """One stack's training, in a child process of its own (its memory and timing untouched by the others)."""
     code = STACK.replace("sys.path.insert(0, ROOT)", f"sys.path.insert(0, {str(ROOT)!r})")
-    return subprocess.run([sys.executable, "-c", code, stack, str(base), str(data), str(out), json.dumps(args)],
-                          capture_output=True, text=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code, stack, str(base), str(data), str(out), json.dumps(args)],
+        capture_output=True,
+        text=True,
+    )
 
 
 def run(stack: str, base: Path, data: Path, work: Path, args: dict) -> dict:
@@ -154,8 +181,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     parser.add_argument("--packing", choices=("true", "false"), default="true", help="ours: padding-free packing")
     parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--stacks", default="vanilla,ours",
-                        help="which of vanilla, today, ours to run; ratios are against the first")  # fmt: skip
+    parser.add_argument(
+        "--stacks", default="vanilla,ours", help="which of vanilla, today, ours to run; ratios are against the first"
+    )
     parser.add_argument("--layers", type=int, help="override the shape's number of layers")
     parser.add_argument("--completion-share", type=float, default=0.25, help="share of each example in the answer")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="--gpu: the GPU's dense bf16 peak, for MFU")
@@ -175,24 +203,48 @@ def main() -> None:
 
     dtype = str(resolve_compute_dtype(dtype)).removeprefix("torch.")
     rows = max(1, args.batch // 2) if args.packing == "true" else args.batch  # packed rows hold ~2 examples
-    recipe = {"model": {"base": str(base), "compute_dtype": dtype}, "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-              "data": {"train": str(data), "eval_fraction": 0.0, "format": "prompt-completion",
-                       "max_seq_length": args.seq, "max_truncated": 1.0},
-              "train": {"max_steps": args.steps + warmup, "batch_size": rows, "grad_accumulation": 1,
-                        "packing": args.packing == "true", "save_steps": 10_000, "logging_steps": 1,
-                        "learning_rate": 2e-4, "report_to": "none"},
-              "output_dir": str(work / "ours")}  # fmt: skip
+    recipe = {
+        "model": {"base": str(base), "compute_dtype": dtype},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "data": {
+            "train": str(data),
+            "eval_fraction": 0.0,
+            "format": "prompt-completion",
+            "max_seq_length": args.seq,
+            "max_truncated": 1.0,
+        },
+        "train": {
+            "max_steps": args.steps + warmup,
+            "batch_size": rows,
+            "grad_accumulation": 1,
+            "packing": args.packing == "true",
+            "save_steps": 10_000,
+            "logging_steps": 1,
+            "learning_rate": 2e-4,
+            "report_to": "none",
+        },
+        "output_dir": str(work / "ours"),
+    }
     import yaml
 
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    common = {"seq": args.seq, "batch": args.batch, "steps": args.steps + warmup, "warmup": warmup, "dtype": dtype,
-              "recipe": str(work / "recipe.yaml"), "gpu_cap_gib": 24 if args.gpu else None}  # fmt: skip
+    common = {
+        "seq": args.seq,
+        "batch": args.batch,
+        "steps": args.steps + warmup,
+        "warmup": warmup,
+        "dtype": dtype,
+        "recipe": str(work / "recipe.yaml"),
+        "gpu_cap_gib": 24 if args.gpu else None,
+    }
     results = {stack: run(stack, base, data, work, common) for stack in args.stacks.split(",")}
     print(f"shape {shape}, seq {args.seq}, compute {dtype}, packing {args.packing}")
     for name, r in results.items():
-        print(f"{name:>8}: {r['tokens_per_second']:8.1f} tokens/s ({r['real_tokens']} real tokens in "
-              f"{r['seconds']:.1f} s over {r['steps']} steps), padding {r['padding_share']:.0%}, peak step memory "
-              f"{r['peak_bytes'] / 2**30:.2f} GiB")  # fmt: skip
+        print(
+            f"{name:>8}: {r['tokens_per_second']:8.1f} tokens/s ({r['real_tokens']} real tokens in "
+            f"{r['seconds']:.1f} s over {r['steps']} steps), padding {r['padding_share']:.0%}, peak step memory "
+            f"{r['peak_bytes'] / 2**30:.2f} GiB"
+        )
     first, *others = results
     for name in others:
         v, o = results[first], results[name]
@@ -205,8 +257,10 @@ def main() -> None:
         for name, r in results.items():
             r["mfu"] = flops * r["tokens_per_second"] / (args.peak_tflops * 1e12)
             r["longest_seq_batch_1"] = longest_sequence(name, base, work, common)
-            print(f"{name:>8}: MFU {r['mfu']:.1%}, longest sequence at batch 1 under the cap: "
-                  f"{r['longest_seq_batch_1']} tokens")  # fmt: skip
+            print(
+                f"{name:>8}: MFU {r['mfu']:.1%}, longest sequence at batch 1 under the cap: "
+                f"{r['longest_seq_batch_1']} tokens"
+            )
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 

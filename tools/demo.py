@@ -59,8 +59,10 @@ def main_demo() -> None:
             f"relative error {n['relative_error']:.2e}, top-1 agreement {n['top1_agreement']:.4f}"
         )
     evaluation = json.loads((out / "merged_eval.json").read_text())
-    print(f"merged model on the eval split: loss {evaluation['loss']:.3f}, perplexity {evaluation['perplexity']:.3f}, "
-          f"label exact match {evaluation['exact_match']:.3f}")  # fmt: skip
+    print(
+        f"merged model on the eval split: loss {evaluation['loss']:.3f}, perplexity {evaluation['perplexity']:.3f}, "
+        f"label exact match {evaluation['exact_match']:.3f}"
+    )
     print(f"generation   {PROMPT!r}\n          →  {answer!r}")
     print(f"outputs      adapter {out / 'adapter'}, merged model {out / 'merged'}, log {out / 'train_log.jsonl'}")
     print(f"time         {time.monotonic() - start:.0f} s")

@@ -72,8 +72,9 @@ def seed_rows(task: str, rng: random.Random, count: int) -> list[dict]:
             rows.append({"prompt": f"Tweet text : {text} Label :", "completion": f" {label}"})
         else:
             label = rng.randint(0, 1)
-            rows.append({"sentence": sentence(rng, WORDS["positive" if label else "negative"]), "label": label,
-                         "idx": i})  # fmt: skip
+            rows.append(
+                {"sentence": sentence(rng, WORDS["positive" if label else "negative"]), "label": label, "idx": i}
+            )
     return rows
 
 

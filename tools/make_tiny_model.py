@@ -141,12 +141,19 @@ def build(
 
 # Size keys of transformers configs, under their various names, and their tiny values (widths divisible by 32).
 TINY_SIZES = {
-    "hidden_size": 64, "n_embd": 64, "d_model": 64,
-    "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128,
-    "num_hidden_layers": 2, "n_layer": 2,
-    "num_attention_heads": 4, "n_head": 4,
-    "max_position_embeddings": 512, "n_positions": 512,
-}  # fmt: skip
+    "hidden_size": 64,
+    "n_embd": 64,
+    "d_model": 64,
+    "intermediate_size": 128,
+    "n_inner": 128,
+    "ffn_dim": 128,
+    "num_hidden_layers": 2,
+    "n_layer": 2,
+    "num_attention_heads": 4,
+    "n_head": 4,
+    "max_position_embeddings": 512,
+    "n_positions": 512,
+}
 TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -199,14 +206,16 @@ def build_like(out_dir: str | Path, facts_dir: str | Path, seed: int = 0, corpus
     if "cls_token" in named and "sep_token" in named:  # BERT: [CLS] text [SEP]
         cls, sep = named["cls_token"], named["sep_token"]
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            single=f"{cls} $A {sep}",
+            pair=f"{cls} $A {sep} $B:1 {sep}:1",
             special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
-        )  # fmt: skip
+        )
     template = facts.get("chat_template")
     if template:  # the name of a template TRL ships (the real model's own, e.g. qwen2_5)
         template = (importlib.resources.files("trl") / "chat_templates" / f"{template}.jinja").read_text()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=extra, chat_template=template,
-                                        **named)  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, additional_special_tokens=extra, chat_template=template, **named
+    )
     token_ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in named.items()}
     cfg = tiny_config(config, token_ids, len(tokenizer))
     model_type = cfg.pop("model_type")

@@ -38,36 +38,81 @@ GRIDS = {
     "cuda": [
         {**LLAMA_8B, "layers": 2, "seq": 2048, "batch": 2},
         {**LLAMA_8B, "layers": 4, "seq": 2048, "batch": 2},
-        {**LLAMA_8B, "layers": 2, "seq": 2048, "batch": 2, "set": ["model.frozen_dtype=float32",
-                                                                    "train.loss_chunk_tokens=4096"]},
+        {
+            **LLAMA_8B,
+            "layers": 2,
+            "seq": 2048,
+            "batch": 2,
+            "set": ["model.frozen_dtype=float32", "train.loss_chunk_tokens=4096"],
+        },
         {**LLAMA_8B, "layers": 2, "seq": 2048, "batch": 2, "set": ["train.tiled_mlp=true"]},
         {**LLAMA_8B, "layers": 2, "seq": 2048, "batch": 2, "set": ["train.activation_offloading=true"]},
-        {**LLAMA_8B, "layers": 4, "seq": 2048, "batch": 2, "set": ["train.activation_offloading=true",
-                                                                    "train.tiled_mlp=true"]},
+        {
+            **LLAMA_8B,
+            "layers": 4,
+            "seq": 2048,
+            "batch": 2,
+            "set": ["train.activation_offloading=true", "train.tiled_mlp=true"],
+        },
         {**LLAMA_8B, "layers": 2, "seq": 2048, "batch": 2, "set": ["lora.dropout=0.05"]},
         {**LLAMA_8B, "layers": 2, "seq": 2048, "batch": 2, "labelled": 0.2},
         {**LLAMA_8B, "layers": 2, "seq": 8192, "batch": 1, "set": ["train.tiled_mlp=true"]},
-        {"hidden": 2048, "intermediate": 4096, "heads": 16, "kv_heads": 4, "vocab": 32000, "layers": 2, "seq": 2048,
-         "batch": 2},
-        {"hidden": 1024, "intermediate": 4096, "heads": 16, "kv_heads": 16, "vocab": 2048, "layers": 2, "seq": 4096,
-         "batch": 1, "set": ["model.compute_dtype=float32"]},
+        {
+            "hidden": 2048,
+            "intermediate": 4096,
+            "heads": 16,
+            "kv_heads": 4,
+            "vocab": 32000,
+            "layers": 2,
+            "seq": 2048,
+            "batch": 2,
+        },
+        {
+            "hidden": 1024,
+            "intermediate": 4096,
+            "heads": 16,
+            "kv_heads": 16,
+            "vocab": 2048,
+            "layers": 2,
+            "seq": 4096,
+            "batch": 1,
+            "set": ["model.compute_dtype=float32"],
+        },
     ],
     # Llama-3.1-8B's own shape (32 layers): the 12 GB recipe's settings with and without offloading, the 24 GB
     # recipe's, and today's before this version (fp32 frozen weights, 4096-token head tiles).
     "cuda-8b": [
-        {**LLAMA_8B, "layers": 32, "seq": 2048, "batch": 2, "set": ["lora.dropout=0.0", "train.tiled_mlp=true",
-                                                                     "train.activation_offloading=true"]},
+        {
+            **LLAMA_8B,
+            "layers": 32,
+            "seq": 2048,
+            "batch": 2,
+            "set": ["lora.dropout=0.0", "train.tiled_mlp=true", "train.activation_offloading=true"],
+        },
         {**LLAMA_8B, "layers": 32, "seq": 2048, "batch": 2, "set": ["lora.dropout=0.0", "train.tiled_mlp=true"]},
         {**LLAMA_8B, "layers": 32, "seq": 2048, "batch": 2, "set": ["lora.dropout=0.05"]},
-        {**LLAMA_8B, "layers": 32, "seq": 2048, "batch": 2, "set": ["lora.dropout=0.05", "model.frozen_dtype=float32",
-                                                                     "train.loss_chunk_tokens=4096"]},
+        {
+            **LLAMA_8B,
+            "layers": 32,
+            "seq": 2048,
+            "batch": 2,
+            "set": ["lora.dropout=0.05", "model.frozen_dtype=float32", "train.loss_chunk_tokens=4096"],
+        },
     ],
     "cpu": [
         {"hidden": 512, "intermediate": 2048, "heads": 8, "kv_heads": 4, "vocab": 32000, "layers": 2, "seq": 2048},
-        {"hidden": 512, "intermediate": 2048, "heads": 8, "kv_heads": 4, "vocab": 32000, "layers": 2, "seq": 2048,
-         "set": ["train.tiled_mlp=true"]},
+        {
+            "hidden": 512,
+            "intermediate": 2048,
+            "heads": 8,
+            "kv_heads": 4,
+            "vocab": 32000,
+            "layers": 2,
+            "seq": 2048,
+            "set": ["train.tiled_mlp=true"],
+        },
     ],
-}  # fmt: skip
+}
 
 
 def build_base(work: Path, spec: dict) -> Path:
@@ -85,11 +130,19 @@ def build_base(work: Path, spec: dict) -> Path:
         return out
     tokenizer = build_tokenizer(corpus_lines(ROOT / "data" / "tiny" / "train.jsonl"), 512)
     config = AutoConfig.for_model(
-        "llama", hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], num_hidden_layers=shape["layers"],
-        vocab_size=shape["vocab"], max_position_embeddings=131072, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        "llama",
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        num_hidden_layers=shape["layers"],
+        vocab_size=shape["vocab"],
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         net = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -111,8 +164,12 @@ def write_data(path: Path, seq: int, rows: int, labelled: float) -> None:
             lines.append({"text": " ".join(rng.choice(WORDS) for _ in range(words))})
         else:
             answer = max(1, int(words * labelled))
-            lines.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(words - answer)),
-                          "completion": " " + " ".join(rng.choice(WORDS) for _ in range(answer))})  # fmt: skip
+            lines.append(
+                {
+                    "prompt": " ".join(rng.choice(WORDS) for _ in range(words - answer)),
+                    "completion": " " + " ".join(rng.choice(WORDS) for _ in range(answer)),
+                }
+            )
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
@@ -129,13 +186,28 @@ def measure(spec: dict, work: Path) -> dict:
     run = Path(tempfile.mkdtemp(prefix="run-", dir=work))
     seq, batch = spec["seq"], spec.get("batch", 1)
     write_data(run / "data.jsonl", seq, 4 * batch, spec.get("labelled", 1.0))
-    recipe = {"model": {"base": str(base), "compute_dtype": "bfloat16"},
-              "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-              "data": {"train": str(run / "data.jsonl"), "eval_fraction": 0.0, "max_seq_length": seq,
-                       "max_truncated": 1.0, "format": "text" if spec.get("labelled", 1.0) >= 1 else "auto"},
-              "train": {"max_steps": 3, "batch_size": batch, "grad_accumulation": 1, "save_steps": 100,
-                        "logging_steps": 1, "report_to": "none", "packing": True, "learning_rate": 1e-4},
-              "output_dir": str(run / "out")}  # fmt: skip
+    recipe = {
+        "model": {"base": str(base), "compute_dtype": "bfloat16"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "data": {
+            "train": str(run / "data.jsonl"),
+            "eval_fraction": 0.0,
+            "max_seq_length": seq,
+            "max_truncated": 1.0,
+            "format": "text" if spec.get("labelled", 1.0) >= 1 else "auto",
+        },
+        "train": {
+            "max_steps": 3,
+            "batch_size": batch,
+            "grad_accumulation": 1,
+            "save_steps": 100,
+            "logging_steps": 1,
+            "report_to": "none",
+            "packing": True,
+            "learning_rate": 1e-4,
+        },
+        "output_dir": str(run / "out"),
+    }
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     recipe = load_recipe(run / "recipe.yaml", spec.get("set", []))
     cuda = torch.cuda.is_available()
@@ -150,16 +222,23 @@ def measure(spec: dict, work: Path) -> dict:
     trainer.train()
     device = "cuda" if cuda else "cpu"
     step = estimate.step_shape(trainer.train_dataset, recipe, packed=trainer.args.packing)
-    predicted = estimate.predict(estimate.skeleton_for(recipe, None), recipe, device,
-                                 estimate.compute_bytes(recipe, device), step)  # fmt: skip
+    predicted = estimate.predict(
+        estimate.skeleton_for(recipe, None), recipe, device, estimate.compute_bytes(recipe, device), step
+    )
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     extra = {}
     if cuda:
         free, total = torch.cuda.mem_get_info()
         extra = {"cuda_reserved": torch.cuda.max_memory_reserved(), "cuda_used_by_process": total - free}
-    return {"spec": spec, "measured": phases.result() | extra, "step_seconds": clock.times, "losses": losses,
-            "tokens": step.tokens, "labelled": step.labelled,
-            "predicted": {"total": predicted.total, "parts": predicted.parts, "phases": predicted.phases}}  # fmt: skip
+    return {
+        "spec": spec,
+        "measured": phases.result() | extra,
+        "step_seconds": clock.times,
+        "losses": losses,
+        "tokens": step.tokens,
+        "labelled": step.labelled,
+        "predicted": {"total": predicted.total, "parts": predicted.parts, "phases": predicted.phases},
+    }
 
 
 class StepClock(TrainerCallback):
@@ -242,9 +321,18 @@ class Phases(TrainerCallback):
 
 
 def spec_from_args(args: argparse.Namespace) -> dict:
-    return {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads, "kv_heads": args.kv_heads,
-            "vocab": args.vocab, "layers": args.layers, "seq": args.seq, "batch": args.batch,
-            "labelled": args.labelled, "set": args.set}  # fmt: skip
+    return {
+        "hidden": args.hidden,
+        "intermediate": args.intermediate,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "vocab": args.vocab,
+        "layers": args.layers,
+        "seq": args.seq,
+        "batch": args.batch,
+        "labelled": args.labelled,
+        "set": args.set,
+    }
 
 
 def run_isolated(spec: dict, work: Path, timeout: float) -> dict:
@@ -262,15 +350,19 @@ def run_isolated(spec: dict, work: Path, timeout: float) -> dict:
 
 def show(result: dict) -> None:
     spec = result["spec"]
-    label = (f"h{spec['hidden']} i{spec['intermediate']} L{spec['layers']} v{spec['vocab']} "
-             f"{spec.get('batch', 1)}x{spec['seq']} {' '.join(spec.get('set', []))}")  # fmt: skip
+    label = (
+        f"h{spec['hidden']} i{spec['intermediate']} L{spec['layers']} v{spec['vocab']} "
+        f"{spec.get('batch', 1)}x{spec['seq']} {' '.join(spec.get('set', []))}"
+    )
     if "error" in result:
         print(f"{label}: FAILED {result['error'][-300:]}")
         return
     m, p, gib = result["measured"], result["predicted"], 2**30
-    print(f"{label}: measured {m['total'] / gib:.3f} GiB (resident {m['resident'] / gib:.3f}, head phase "
-          f"{m['head'] / gib:.3f}, layers phase {m['layers'] / gib:.3f}); predicted {p['total'] / gib:.3f} GiB "
-          f"({p['total'] / m['total'] - 1:+.1%}); step {result['step_seconds'][-1]:.3f} s")  # fmt: skip
+    print(
+        f"{label}: measured {m['total'] / gib:.3f} GiB (resident {m['resident'] / gib:.3f}, head phase "
+        f"{m['head'] / gib:.3f}, layers phase {m['layers'] / gib:.3f}); predicted {p['total'] / gib:.3f} GiB "
+        f"({p['total'] / m['total'] - 1:+.1%}); step {result['step_seconds'][-1]:.3f} s"
+    )
 
 
 def main() -> None:

@@ -6,10 +6,13 @@ shows the resolved recipe and the README lists the fields.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -408,10 +411,6 @@ def recipe_from_dict(raw: dict) -> Recipe:
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass, read from its source (for --help and the README)."""
-    import ast
-    import inspect
-    import textwrap
-
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}

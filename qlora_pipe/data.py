@@ -9,11 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
+from trl import SFTConfig, SFTTrainer
+from trl.chat_template_utils import get_training_chat_template
 
 from qlora_pipe import UserError
 from qlora_pipe.config import DataConfig, Recipe
@@ -47,6 +52,10 @@ class PreparedData:
     sources: dict
     labels: list[str] | None = None
     """Class names, index = class id (task seq_cls)."""
+
+    def facts(self) -> dict:
+        """What the manifest records: the format, the loss mask and where the rows came from."""
+        return {"format": self.format, "assistant_only_loss": self.assistant_only_loss, **self.sources}
 
     def splits(self) -> dict[str, datasets.Dataset]:
         return {"train": self.train} | ({"eval": self.eval} if self.eval is not None else {})
@@ -233,8 +242,6 @@ def has_generation_markers(tokenizer) -> bool:
 def trl_can_mask_assistant(tokenizer) -> bool:
     """True when the template has generation markers, or TRL knows a training version of it (Llama-3, Qwen2.5, ...)
     that it swaps in for assistant-only loss."""
-    from trl.chat_template_utils import get_training_chat_template
-
     return has_generation_markers(tokenizer) or get_training_chat_template(tokenizer) is not None
 
 
@@ -350,13 +357,6 @@ def tokenize(ds: datasets.Dataset, tokenizer, assistant_only_loss: bool, name: s
     in and the loss mode, not a model) so that check-data sees exactly the tokens and mask training uses, and so that
     training is handed this same tokenized data instead of tokenizing twice.
     """
-    import tempfile
-    import warnings
-    from types import SimpleNamespace
-
-    from trl import SFTConfig, SFTTrainer
-    from trl.chat_template_utils import get_training_chat_template
-
     swap = assistant_only_loss and not has_generation_markers(tokenizer)
     state = SimpleNamespace(
         _tokenizer=tokenizer,

@@ -12,6 +12,8 @@ from pathlib import Path
 import bitsandbytes as bnb
 import peft
 import torch
+from accelerate import PartialState
+from huggingface_hub import snapshot_download
 from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
@@ -115,8 +117,6 @@ def bnb_config(compute_dtype: torch.dtype, classifier: bool = False) -> BitsAndB
 
 def device_map() -> dict:
     """One full copy of the model per process, on that process's device (DDP under accelerate, or a single GPU/CPU)."""
-    from accelerate import PartialState
-
     return {"": PartialState().device}
 
 
@@ -215,8 +215,6 @@ def local_checkpoint(base: str) -> Path:
     """A local directory of `base`: itself, or for a hub id the copy training left in the local cache."""
     if Path(base).is_dir():
         return Path(base)
-    from huggingface_hub import snapshot_download
-
     return Path(snapshot_download(base, allow_patterns=["*.json", "*.jinja", "*.safetensors", "*.model", "*.txt"]))
 
 

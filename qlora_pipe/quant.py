@@ -12,6 +12,7 @@ from functools import cache
 
 import bitsandbytes as bnb
 import torch
+from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
 from bitsandbytes.functional import QuantState, dequantize_blockwise, get_4bit_type, quantize_blockwise
 
 CHUNK = 1 << 20  # elements per step of the CPU quantizer: a few MB, so each pass stays in cache
@@ -45,8 +46,6 @@ def nf4_lookup(bounds: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def nf4_midpoints(device: torch.device) -> torch.Tensor:
-    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
-
     return _get_4bit_quantize_bounds("nf4", device)[0]
 
 

@@ -255,7 +255,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
             "device_kind": device,
             **layout,
         },
-        "data": {"format": prepared.format, "assistant_only_loss": prepared.assistant_only_loss, **prepared.sources},
+        "data": prepared.facts(),
         "task": recipe.task,
         "labels": prepared.labels,
         "packing": packing,

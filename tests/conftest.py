@@ -89,6 +89,12 @@ def write_recipe(tmp_path):
     return write
 
 
+def slow(*cases) -> list:
+    """Parameter cases that run with the complete suite only (`pytest -m "not slow"` leaves them out): the rest of an
+    architecture matrix whose first case stays in the fast tier."""
+    return [pytest.param(*c if isinstance(c, tuple) else (c,), marks=pytest.mark.slow) for c in cases]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -1,4 +1,7 @@
-"""Data: each format reaches TRL in the right shape; the loss covers exactly assistant/completion tokens and eos."""
+"""Data: each format reaches TRL in the right shape; the loss covers exactly assistant/completion tokens and eos.
+
+The rows are read as `train` hands them to TRL (data.prepare_data: the tokenized, masked splits of the data check),
+without loading a model."""
 
 from __future__ import annotations
 
@@ -7,22 +10,22 @@ from conftest import CHAT, write_jsonl
 
 from qlora_pipe import UserError
 from qlora_pipe.config import load_recipe
-from qlora_pipe.train import build_trainer
+from qlora_pipe.data import prepare_data
+
+
+def tokenized(recipe) -> tuple:
+    """(training rows as TRL receives them, the manifest's data facts, tokenizer)."""
+    tokenizer, data, checked = prepare_data(recipe, recipe.model.base)
+    return checked.tokenized["train"], {"data": data.facts()}, tokenizer
 
 
 def prepared(write_recipe, tiny_model, tmp_path, rows: list[dict], fmt: str = "auto"):
     """The first example as TRL will train on it: (input text, trained text, tokenizer)."""
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    recipe = load_recipe(
-        write_recipe(
-            tiny_model("llama"),
-            data={"train": str(data), "eval": None, "format": fmt, "eval_fraction": 0.0},
-            train={"packing": False},
-        )  # one example per row, to read it back
-    )
-    trainer, facts = build_trainer(recipe)
-    example = trainer.train_dataset[0]
-    tok = trainer.processing_class
+    data = {"train": str(data), "eval": None, "format": fmt, "eval_fraction": 0.0}
+    recipe = load_recipe(write_recipe(tiny_model("llama"), data=data))
+    rows, facts, tok = tokenized(recipe)
+    example = rows[0]
     trained = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
     return tok.decode(example["input_ids"]), tok.decode(trained), tok, facts
 
@@ -69,7 +72,7 @@ def test_broken_json_line_is_reported_with_file_and_line(write_recipe, tiny_mode
     data.write_text('{"text": "ok"}\n{"text": broken}\n')
     recipe = load_recipe(write_recipe(tiny_model("llama"), data={"train": str(data), "eval": None}))
     with pytest.raises(UserError, match=rf"{data}:2: not valid JSON"):
-        build_trainer(recipe)
+        tokenized(recipe)
 
 
 def test_empty_data_file_is_refused(write_recipe, tiny_model, tmp_path):
@@ -77,7 +80,7 @@ def test_empty_data_file_is_refused(write_recipe, tiny_model, tmp_path):
     data.write_text("")
     recipe = load_recipe(write_recipe(tiny_model("llama"), data={"train": str(data), "eval": None}))
     with pytest.raises(UserError, match="contains no examples"):
-        build_trainer(recipe)
+        tokenized(recipe)
 
 
 def test_sharegpt_becomes_messages(write_recipe, tiny_model, tmp_path):
@@ -112,8 +115,8 @@ def test_column_mapping_and_directories(write_recipe, tiny_model, tmp_path):
         "eval_fraction": 0.0,
         "columns": {"prompt": "question", "completion": "answer"},
     }
-    trainer, facts = build_trainer(load_recipe(write_recipe(tiny_model("llama"), data=data)))
-    examples = sum(len(row["seq_lengths"]) for row in trainer.train_dataset)  # packed rows
+    rows, facts, _ = tokenized(load_recipe(write_recipe(tiny_model("llama"), data=data)))
+    examples = len(rows)
     assert facts["data"]["format"] == "prompt-completion" and examples == 4
     assert len(facts["data"]["train"]["sha256"]) == 2
 
@@ -124,4 +127,4 @@ def test_column_mapping_names_a_missing_column(write_recipe, tiny_model, tmp_pat
         write_recipe(tiny_model("llama"), data={"train": str(data), "eval": None, "columns": {"prompt": "question"}})
     )
     with pytest.raises(UserError, match=r"data.columns: .* has no column 'question'"):
-        build_trainer(recipe)
+        tokenized(recipe)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, slow
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -35,7 +35,7 @@ def nf4_adapter_logits(recipe_path, run_dir, ids_list):
         return [net(input_ids=ids).logits[0] for ids in ids_list]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", *slow("mistral", "qwen2", "gpt2")])
 def test_merged_logits_match_adapter_logits(arch, tiny_model, write_recipe, tmp_path):
     recipe_path = write_recipe(tiny_model(arch))
     run = tmp_path / "run"
@@ -112,7 +112,13 @@ BF16_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", BF16_CASES)
+@pytest.mark.parametrize(
+    "case",
+    [
+        *(c for c in BF16_CASES if BF16_CASES[c][0] == "llama"),
+        *slow(*(c for c in BF16_CASES if BF16_CASES[c][0] != "llama")),
+    ],
+)
 def test_merge_of_bf16_frozen_weights_equals_what_was_trained(case, tiny_model, write_recipe, tmp_path):
     arch, sections = BF16_CASES[case]
     recipe = write_recipe(tiny_model(arch), model={"compute_dtype": "bfloat16"}, **sections)

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import trl.trainer.utils as trl_utils
+from conftest import slow
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from qlora_pipe import model
@@ -58,7 +59,7 @@ def test_padding_free_packed_batch_has_the_padded_batch_loss(trainer):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", *slow("gpt2")])
 def test_tiled_mlp_leaves_the_loss_and_gradients_unchanged(arch, write_recipe, tiny_model):
     trainer, _ = build_trainer(load_recipe(write_recipe(tiny_model(arch), lora={"dropout": 0.0})))
     # as in training: each layer checkpointed (non-reentrant), so the MLP tiles nest inside the layer's checkpoint

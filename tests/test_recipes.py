@@ -44,6 +44,7 @@ def test_there_are_recipes_for_each_family_and_seed_task():
     } <= names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_recipe_dry_run_trains_and_merges(path, tiny_like, tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name data relative to the repository root

@@ -78,6 +78,7 @@ def resumable(write_recipe, tiny_model, tmp_path):
     return recipe
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(resumable, tmp_path):
     reference = train_stage.train(load_recipe(resumable("reference")))
     recipe = resumable("resumed")
@@ -139,6 +140,7 @@ def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(resum
     assert not (Path(recipe.output_dir) / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_recipe(resumable, tmp_path):
     recipe = resumable("changed")
     assert interrupted(recipe, "kill", 4).returncode == -9

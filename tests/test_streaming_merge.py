@@ -7,6 +7,7 @@ import json
 import peft
 import pytest
 import torch
+from conftest import slow
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -40,8 +41,7 @@ def assert_bitwise_equal_to_in_memory(run, merged_dir, mode, out_dtype):
 CASES = [
     ("llama", "float32", False),
     ("qwen2", "float32", True),
-    ("gpt2", "float32", False),
-    ("mistral", "bfloat16", False),
+    *slow(("gpt2", "float32", False), ("mistral", "bfloat16", False)),
 ]
 
 

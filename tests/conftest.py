@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from tiny_models import build, build_like
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-
-from make_tiny_model import build, build_like  # noqa: E402
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 DEMO_DATA = ROOT / "data" / "tiny"

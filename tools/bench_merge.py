@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builder
 
-from make_tiny_model import build_tokenizer, corpus_lines  # noqa: E402
+from tiny_models import build_tokenizer, corpus_lines  # noqa: E402
 
 from qlora_pipe.manifest import fingerprint_weights, write_manifest  # noqa: E402
 from qlora_pipe.model import NF4  # noqa: E402

@@ -140,8 +140,8 @@ def make_model(out: Path, shape: dict) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    sys.path.insert(0, str(ROOT / "tools"))
-    from make_tiny_model import build_tokenizer, corpus_lines
+    sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builder
+    from tiny_models import build_tokenizer, corpus_lines
 
     tokenizer = build_tokenizer(corpus_lines(ROOT / "data" / "tiny" / "train.jsonl"), 512)
     ids = {

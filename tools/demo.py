@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builder
 
-from make_tiny_model import build  # noqa: E402
+from tiny_models import build  # noqa: E402
 
 from qlora_pipe.cli import main  # noqa: E402
 from qlora_pipe.config import load_recipe  # noqa: E402

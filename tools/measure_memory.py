@@ -121,8 +121,8 @@ def build_base(work: Path, spec: dict) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    sys.path.insert(0, str(ROOT / "tools"))
-    from make_tiny_model import build_tokenizer, corpus_lines
+    sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builder
+    from tiny_models import build_tokenizer, corpus_lines
 
     shape = {k: spec[k] for k in ("hidden", "intermediate", "heads", "kv_heads", "vocab", "layers")}
     out = work / ("base-" + hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10])

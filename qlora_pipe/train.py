@@ -52,237 +52,6 @@ from qlora_pipe.run import (
 logger = logging.getLogger(__name__)
 
 
-def configure_loss_head(chunk_tokens: int, vocab_size: int) -> None:
-    """Bound the memory of TRL's fused LM head + cross-entropy (trl.kernels.chunked_logprob), and score only the
-    labelled positions on every device.
-
-    The head never builds the (batch, seq, vocab) logits: it projects tiles of TOKEN_CHUNK_SIZE tokens × the vocabulary
-    chunk width into one reused buffer, folds each tile into running log-sum-exp statistics, and recomputes the tiles
-    in the backward pass. Its memory is the tile: TRL's defaults (4096 tokens × 32768 entries, whatever the vocabulary)
-    cost 0.25 GiB on CUDA, where a Triton kernel folds the tile in place, and ~3.6 GiB on the CPU, where the fold
-    runs as torch ops with ~7 fp32 temporaries of the tile's size. Both are module constants that TRL reads at call
-    time; we set them per run: `chunk_tokens` tokens, and a vocabulary width of at most the vocabulary.
-
-    TRL also projects every position, prompts and padding included, off Triton devices, to keep tile shapes static
-    for compilers (Neuron). Nothing recompiles on the CPU, so there we score only labelled positions too: with a large
-    vocabulary that is most of a step's FLOPs. The loss and gradients are unchanged (tested)."""
-    # Fail loudly if a TRL release renames what we set, rather than silently running with its defaults.
-    assert hasattr(trl_head, "TOKEN_CHUNK_SIZE") and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE")
-    trl_head.TOKEN_CHUNK_SIZE = chunk_tokens
-    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(vocab_size, HEAD_TILE_VOCAB)
-    use_triton = trl_utils._use_triton
-    if not getattr(use_triton, "qlora_pipe", False):
-        trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
-        trl_utils._use_triton.qlora_pipe = True
-        trl_utils._use_triton.original = use_triton
-
-
-def keeps_packed_examples_apart(net: torch.nn.Module, vocab_size: int) -> bool:
-    """Whether the model keeps packed examples apart (no attention or position leakage across them).
-
-    TRL's padding-free packing hands the model one row with position_ids restarting at each example; transformers
-    turns that into a block-diagonal mask only for models that build their mask from position_ids (and only without
-    a KV cache). ALiBi models such as BLOOM, and any model that ignores position_ids, silently leak. So we measure it
-    on the loaded model: the logits of example b must not change when the example packed before it changes, and must
-    match b run alone.
-    """
-    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    ids = torch.randint(vocab_size, (3, 12), generator=torch.Generator().manual_seed(0)).tolist()
-
-    def logits(*examples: list[int]) -> torch.Tensor:
-        batch = collate([{"input_ids": sum(examples, []), "seq_lengths": [len(e) for e in examples]}])
-        batch = {k: v.to(net.device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
-        return net(**batch, use_cache=False).logits[0, -len(examples[-1]) :].float()
-
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
-        after_a, after_c, alone = logits(ids[0], ids[1]), logits(ids[2], ids[1]), logits(ids[1])
-    net.train(was_training)
-    scale = alone.abs().max().item()
-    return (after_a - after_c).abs().max().item() <= 1e-3 * scale and (
-        after_a - alone
-    ).abs().max().item() <= 0.05 * scale
-
-
-def choose_packing(recipe: Recipe, net: torch.nn.Module, vocab_size: int) -> bool:
-    """`auto` packs (measured faster: docs/benchmarks.md) when the model keeps packed examples apart; `true` refuses a
-    model that does not."""
-    wanted = recipe.train.packing
-    if recipe.task != "causal_lm" or wanted is False:
-        return False
-    if keeps_packed_examples_apart(net, vocab_size):
-        return True
-    if wanted is True:
-        raise UserError(
-            f"train.packing: this model ({net.config.model_type}) attends across packed examples (it does not take "
-            f"example boundaries from position_ids); set train.packing: false or auto"
-        )
-    logger.info("train.packing auto: %s attends across packed examples; padding instead", net.config.model_type)
-    return False
-
-
-def training_args(
-    recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eval: bool, packing: bool = False
-) -> TrainingArguments:
-    """TRL's SFTConfig for causal LM (data arrives tokenized and masked, so TRL only truncates and packs), the
-    transformers TrainingArguments for classification."""
-    t = recipe.train
-    if recipe.task == "seq_cls":
-        cls, task_args = TrainingArguments, {}
-    else:
-        cls = SFTConfig
-        task_args = {
-            "packing": packing,
-            "max_length": recipe.data.max_seq_length,
-            "assistant_only_loss": False,
-            "activation_offloading": t.activation_offloading,
-        }
-    return cls(
-        **task_args,
-        output_dir=str(out / CHECKPOINTS),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # transformers reads a value below 1 as a share of the steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=optimizer_name(t.optimizer, local_device()),
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accumulation,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        report_to=report_to(t.report_to),
-        logging_nan_inf_filter=False,  # a nan loss must show (and stop the run), not be averaged away
-        include_num_input_tokens_seen="non_padding",
-        bf16=compute_dtype == torch.bfloat16,
-        fp16=compute_dtype == torch.float16,
-        use_cpu=local_device() == "cpu",
-    )
-
-
-def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
-    """Everything up to `trainer.train()`: checks, tokenizer, data, NF4 model, LoRA, trainer. Returns the trainer and
-    the facts the manifest records."""
-    out = Path(recipe.output_dir)
-    check_output_dir(out)
-    base = model.check_base(recipe.model.base, recipe.model.allow_pickle)
-    device = local_device()
-    if recipe.train.activation_offloading and device != "cuda":
-        raise UserError(
-            "train.activation_offloading: needs a CUDA GPU (it moves activations from GPU memory to "
-            "pinned CPU memory; on the CPU they are in host memory already); set it to false"
-        )
-    tokenizer, prepared, checked = data.prepare_data(recipe, base)
-    if checked.fatal:
-        raise UserError(data.refusal(checked))
-    compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
-    quantized = recipe.model.quantization == "nf4"
-    model_cfg, adapter_init = recipe.model, None
-    if recipe.lora.init == "loftq":
-        backbone, adapter_init = loftq.loftq_outputs(recipe)
-        model_cfg, base = dataclasses.replace(recipe.model, base=str(backbone)), str(backbone)
-
-    torch.manual_seed(recipe.train.seed)  # LoRA A is drawn at get_peft_model time
-    base_model = model.load_base(model_cfg, compute_dtype, quantized, labels=prepared.labels)
-    if prepared.labels:  # decoder classifiers read the prediction at the last non-pad token
-        base_model.config.pad_token_id = tokenizer.pad_token_id
-    # A KV cache is useless in training, and with one transformers cannot see packed example boundaries.
-    base_model.config.use_cache = False
-    layout = model.describe_quantization(base_model, compute_dtype)
-    if quantized:
-        model.set_cpu_bf16_fastpath(base_model, False)
-    # PEFT's prepare_model_for_kbit_training is not called: it upcasts every frozen unquantized parameter
-    # (embeddings, lm_head, norms) to fp32, 3.9 GiB more for Llama-3.1-8B, and makes the residual stream and so every
-    # checkpointed layer input fp32. Frozen weights keep the load dtype (the merge reads them in it either way, so the
-    # merged model is the same); get_peft_model freezes them; checkpointing is switched on by the trainer.
-    if recipe.train.tiled_mlp and not model.tile_mlps(base_model, model.mlp_tile_tokens(text_sizes(base_model)[2])):
-        logger.warning("train.tiled_mlp: %s has no per-token MLP to tile", base_model.config.model_type)
-    if recipe.model.frozen_dtype == "float32":
-        for param in base_model.parameters():
-            if param.dtype in (torch.float16, torch.bfloat16):
-                param.data = param.data.float()
-    if adapter_init:
-        peft_model = peft.PeftModel.from_pretrained(base_model, adapter_init, is_trainable=True)
-    else:
-        peft_model = peft.get_peft_model(base_model, model.lora_config(recipe))
-    packing = choose_packing(recipe, peft_model, len(tokenizer))
-    out.mkdir(parents=True, exist_ok=True)
-    common = dict(
-        model=peft_model,
-        args=training_args(recipe, out, compute_dtype, "eval" in checked.tokenized, packing),
-        train_dataset=checked.tokenized["train"],
-        eval_dataset=checked.tokenized.get("eval"),
-        processing_class=tokenizer,
-        callbacks=[LossLog(out / TRAIN_LOG)],
-    )
-    if recipe.task == "seq_cls":
-        trainer = Trainer(**common, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
-    else:
-        vocab_size = base_model.get_output_embeddings().weight.shape[0]
-        configure_loss_head(loss_chunk_tokens(recipe.train.loss_chunk_tokens, vocab_size, device), vocab_size)
-        trainer = SFTTrainer(**common)
-    # Everything that trains (LoRA A/B, a classifier head trained whole) is fp32, and so are its gradients and
-    # optimizer states: updates smaller than bf16's resolution would otherwise be lost. TRL casts a quantized model's
-    # adapter to bf16, but PEFT loads adapters (and the Trainer resumes them) in fp32: fp32 throughout also makes a
-    # resumed run compute exactly as an uninterrupted one. The cost is 2 bytes per adapter parameter.
-    for param in peft_model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-    (out / DATA_CHECK).write_text(json.dumps(checked.report, indent=2, ensure_ascii=False) + "\n")
-    facts = {
-        "base": {
-            "path": base,
-            "model_type": base_model.config.model_type,
-            "weights_fingerprint": fingerprint_weights(model.weight_files(base)) if Path(base).is_dir() else None,
-        },
-        "quantization": {
-            "method": recipe.model.quantization,
-            **(model.NF4 if quantized else {}),
-            "load_dtype": str(compute_dtype).removeprefix("torch."),
-            "compute_dtype": str(compute_dtype).removeprefix("torch."),
-            "device_kind": device,
-            **layout,
-        },
-        "data": prepared.facts(),
-        "task": recipe.task,
-        "labels": prepared.labels,
-        "packing": packing,
-    }
-    return trainer, facts
-
-
-def accuracy(prediction) -> dict[str, float]:
-    logits, labels = prediction
-    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
-
-
-def eval_metrics(trainer, when: str, label_accuracy: bool) -> dict[str, float]:
-    result = {k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy")}
-    if label_accuracy:
-        match = exact_match(trainer.model, trainer.processing_class, trainer.eval_dataset)
-        if not match:
-            logger.warning("train.label_accuracy: the eval answers are longer than label answers; not measured")
-        result |= {"eval_exact_match": match["exact_match"]} if match else {}
-    return {f"{k}_{when}": v for k, v in result.items()}
-
-
-def _loss_summary(log_history: list[dict]) -> dict:
-    losses = [r["loss"] for r in log_history if "loss" in r]
-    return {"train_loss_first": losses[0], "train_loss_last": losses[-1]} if losses else {}
-
-
 def train(recipe: Recipe, *, resume: str = "auto") -> Path:
     """Run the train stage; return the run directory (adapter/, manifest.json, checkpoints/, train_log.jsonl).
 
@@ -352,3 +121,250 @@ def check_stopped(stop: StopControl, out: Path, step: int) -> None:
             "`qlora-pipe train` command to continue from it",
             stop.signal,
         )
+
+
+def eval_metrics(trainer, when: str, label_accuracy: bool) -> dict[str, float]:
+    result = {k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy")}
+    if label_accuracy:
+        match = exact_match(trainer.model, trainer.processing_class, trainer.eval_dataset)
+        if not match:
+            logger.warning("train.label_accuracy: the eval answers are longer than label answers; not measured")
+        result |= {"eval_exact_match": match["exact_match"]} if match else {}
+    return {f"{k}_{when}": v for k, v in result.items()}
+
+
+def _loss_summary(log_history: list[dict]) -> dict:
+    losses = [r["loss"] for r in log_history if "loss" in r]
+    return {"train_loss_first": losses[0], "train_loss_last": losses[-1]} if losses else {}
+
+
+def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
+    """Everything up to `trainer.train()`: checks, tokenizer, data, NF4 model, LoRA, trainer. Returns the trainer and
+    the facts the manifest records."""
+    out = Path(recipe.output_dir)
+    check_output_dir(out)
+    base = model.check_base(recipe.model.base, recipe.model.allow_pickle)
+    device = local_device()
+    if recipe.train.activation_offloading and device != "cuda":
+        raise UserError(
+            "train.activation_offloading: needs a CUDA GPU (it moves activations from GPU memory to pinned CPU "
+            "memory; on the CPU they are in host memory already); set it to false"
+        )
+    tokenizer, prepared, checked = data.prepare_data(recipe, base)
+    if checked.fatal:
+        raise UserError(data.refusal(checked))
+    compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
+    if recipe.lora.init == "loftq":
+        backbone, adapter_init = loftq.loftq_outputs(recipe)
+        base = str(backbone)
+    else:
+        adapter_init = None
+    peft_model, layout = adapted_model(
+        recipe, base, compute_dtype, prepared.labels, tokenizer.pad_token_id, adapter_init
+    )
+    packing = choose_packing(recipe, peft_model, len(tokenizer))
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(
+        model=peft_model,
+        args=training_args(recipe, out, compute_dtype, "eval" in checked.tokenized, packing),
+        train_dataset=checked.tokenized["train"],
+        eval_dataset=checked.tokenized.get("eval"),
+        processing_class=tokenizer,
+        callbacks=[LossLog(out / TRAIN_LOG)],
+    )
+    if recipe.task == "seq_cls":
+        trainer = Trainer(**common, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
+    else:
+        vocab_size = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
+        configure_loss_head(loss_chunk_tokens(recipe.train.loss_chunk_tokens, vocab_size, device), vocab_size)
+        trainer = SFTTrainer(**common)
+    # Everything that trains (LoRA A/B, a classifier head trained whole) is fp32, and so are its gradients and
+    # optimizer states: updates smaller than bf16's resolution would otherwise be lost. TRL casts a quantized model's
+    # adapter to bf16, but PEFT loads adapters (and the Trainer resumes them) in fp32: fp32 throughout also makes a
+    # resumed run compute exactly as an uninterrupted one. The cost is 2 bytes per adapter parameter.
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    (out / DATA_CHECK).write_text(json.dumps(checked.report, indent=2, ensure_ascii=False) + "\n")
+    quantized = recipe.model.quantization == "nf4"
+    facts = {
+        "base": {
+            "path": base,
+            "model_type": peft_model.get_base_model().config.model_type,
+            "weights_fingerprint": fingerprint_weights(model.weight_files(base)) if Path(base).is_dir() else None,
+        },
+        "quantization": {
+            "method": recipe.model.quantization,
+            **(model.NF4 if quantized else {}),
+            "load_dtype": str(compute_dtype).removeprefix("torch."),
+            "compute_dtype": str(compute_dtype).removeprefix("torch."),
+            "device_kind": device,
+            **layout,
+        },
+        "data": prepared.facts(),
+        "task": recipe.task,
+        "labels": prepared.labels,
+        "packing": packing,
+    }
+    return trainer, facts
+
+
+def adapted_model(
+    recipe: Recipe,
+    base: str,
+    compute_dtype: torch.dtype,
+    labels: list[str] | None,
+    pad_token_id: int,
+    adapter_init: Path | None,
+) -> tuple[peft.PeftModel, dict]:
+    """The base loaded for training (NF4 or full precision) with the LoRA adapter (fresh, or LoftQ's initialisation),
+    and the quantization layout the merge needs."""
+    torch.manual_seed(recipe.train.seed)  # LoRA A is drawn at get_peft_model time
+    net = model.load_base(
+        dataclasses.replace(recipe.model, base=base), compute_dtype, recipe.model.quantization == "nf4", labels=labels
+    )
+    if labels:  # decoder classifiers read the prediction at the last non-pad token
+        net.config.pad_token_id = pad_token_id
+    # A KV cache is useless in training, and with one transformers cannot see packed example boundaries.
+    net.config.use_cache = False
+    layout = model.describe_quantization(net, compute_dtype)
+    if recipe.model.quantization == "nf4":
+        model.set_cpu_bf16_fastpath(net, False)
+    # PEFT's prepare_model_for_kbit_training is not called: it upcasts every frozen unquantized parameter
+    # (embeddings, lm_head, norms) to fp32, 3.9 GiB more for Llama-3.1-8B, and makes the residual stream and so every
+    # checkpointed layer input fp32. Frozen weights keep the load dtype (the merge reads them in it either way, so the
+    # merged model is the same); get_peft_model freezes them; checkpointing is switched on by the trainer.
+    if recipe.train.tiled_mlp and not model.tile_mlps(net, model.mlp_tile_tokens(text_sizes(net)[2])):
+        logger.warning("train.tiled_mlp: %s has no per-token MLP to tile", net.config.model_type)
+    if recipe.model.frozen_dtype == "float32":
+        for param in net.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+    if adapter_init:
+        return peft.PeftModel.from_pretrained(net, adapter_init, is_trainable=True), layout
+    return peft.get_peft_model(net, model.lora_config(recipe)), layout
+
+
+def training_args(
+    recipe: Recipe, out: Path, compute_dtype: torch.dtype, has_eval: bool, packing: bool = False
+) -> TrainingArguments:
+    """TRL's SFTConfig for causal LM (data arrives tokenized and masked, so TRL only truncates and packs), the
+    transformers TrainingArguments for classification."""
+    t = recipe.train
+    if recipe.task == "seq_cls":
+        cls, task_args = TrainingArguments, {}
+    else:
+        cls = SFTConfig
+        task_args = {
+            "packing": packing,
+            "max_length": recipe.data.max_seq_length,
+            "assistant_only_loss": False,
+            "activation_offloading": t.activation_offloading,
+        }
+    return cls(
+        **task_args,
+        output_dir=str(out / CHECKPOINTS),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers reads a value below 1 as a share of the steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=optimizer_name(t.optimizer, local_device()),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accumulation,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=report_to(t.report_to),
+        logging_nan_inf_filter=False,  # a nan loss must show (and stop the run), not be averaged away
+        include_num_input_tokens_seen="non_padding",
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=local_device() == "cpu",
+    )
+
+
+def choose_packing(recipe: Recipe, net: torch.nn.Module, vocab_size: int) -> bool:
+    """`auto` packs (measured faster: docs/benchmarks.md) when the model keeps packed examples apart; `true` refuses a
+    model that does not."""
+    wanted = recipe.train.packing
+    if recipe.task != "causal_lm" or wanted is False:
+        return False
+    if keeps_packed_examples_apart(net, vocab_size):
+        return True
+    if wanted is True:
+        raise UserError(
+            f"train.packing: this model ({net.config.model_type}) attends across packed examples (it does not take "
+            f"example boundaries from position_ids); set train.packing: false or auto"
+        )
+    logger.info("train.packing auto: %s attends across packed examples; padding instead", net.config.model_type)
+    return False
+
+
+def keeps_packed_examples_apart(net: torch.nn.Module, vocab_size: int) -> bool:
+    """Whether the model keeps packed examples apart (no attention or position leakage across them).
+
+    TRL's padding-free packing hands the model one row with position_ids restarting at each example; transformers
+    turns that into a block-diagonal mask only for models that build their mask from position_ids (and only without
+    a KV cache). ALiBi models such as BLOOM, and any model that ignores position_ids, silently leak. So we measure it
+    on the loaded model: the logits of example b must not change when the example packed before it changes, and must
+    match b run alone.
+    """
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    ids = torch.randint(vocab_size, (3, 12), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def logits(*examples: list[int]) -> torch.Tensor:
+        batch = collate([{"input_ids": sum(examples, []), "seq_lengths": [len(e) for e in examples]}])
+        batch = {k: v.to(net.device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
+        return net(**batch, use_cache=False).logits[0, -len(examples[-1]) :].float()
+
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        after_a, after_c, alone = logits(ids[0], ids[1]), logits(ids[2], ids[1]), logits(ids[1])
+    net.train(was_training)
+    scale = alone.abs().max().item()
+    return (after_a - after_c).abs().max().item() <= 1e-3 * scale and (
+        after_a - alone
+    ).abs().max().item() <= 0.05 * scale
+
+
+def configure_loss_head(chunk_tokens: int, vocab_size: int) -> None:
+    """Bound the memory of TRL's fused LM head + cross-entropy (trl.kernels.chunked_logprob), and score only the
+    labelled positions on every device.
+
+    The head never builds the (batch, seq, vocab) logits: it projects tiles of TOKEN_CHUNK_SIZE tokens × the vocabulary
+    chunk width into one reused buffer, folds each tile into running log-sum-exp statistics, and recomputes the tiles
+    in the backward pass. Its memory is the tile: TRL's defaults (4096 tokens × 32768 entries, whatever the vocabulary)
+    cost 0.25 GiB on CUDA, where a Triton kernel folds the tile in place, and ~3.6 GiB on the CPU, where the fold
+    runs as torch ops with ~7 fp32 temporaries of the tile's size. Both are module constants that TRL reads at call
+    time; we set them per run: `chunk_tokens` tokens, and a vocabulary width of at most the vocabulary.
+
+    TRL also projects every position, prompts and padding included, off Triton devices, to keep tile shapes static
+    for compilers (Neuron). Nothing recompiles on the CPU, so there we score only labelled positions too: with a large
+    vocabulary that is most of a step's FLOPs. The loss and gradients are unchanged (tested)."""
+    # Fail loudly if a TRL release renames what we set, rather than silently running with its defaults.
+    assert hasattr(trl_head, "TOKEN_CHUNK_SIZE") and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE")
+    trl_head.TOKEN_CHUNK_SIZE = chunk_tokens
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(vocab_size, HEAD_TILE_VOCAB)
+    use_triton = trl_utils._use_triton
+    if not getattr(use_triton, "qlora_pipe", False):
+        trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
+        trl_utils._use_triton.qlora_pipe = True
+        trl_utils._use_triton.original = use_triton
+
+
+def accuracy(prediction) -> dict[str, float]:
+    logits, labels = prediction
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}

@@ -24,6 +24,7 @@ from qlora_pipe.config import (
     LABEL_TOKENS,
     MERGE_MODES,
     OUT_DTYPES,
+    TRAINING_DEVICES,
     VERIFY_LEVELS,
     Recipe,
     field_docs,
@@ -112,10 +113,10 @@ def _estimate(args: argparse.Namespace) -> None:
     if args.device == "cpu" and recipe.train.activation_offloading:
         raise UserError("train.activation_offloading needs CUDA: estimate with --device cuda, or set it to false")
     facts = Path(args.recipe).parent
-    estimates = [estimate(recipe, args.device, facts)]
+    estimates = [estimate(recipe, device=args.device, facts_dir=facts)]
     shape, why_not = data_step_shape(recipe)
     if shape is not None:
-        estimates.append(estimate(recipe, args.device, facts, shape))
+        estimates.append(estimate(recipe, device=args.device, facts_dir=facts, step=shape))
     print(
         f"{recipe.model.base}: peak memory of one training step on {args.device}, batch {recipe.train.batch_size}, "
         f"max_seq_length {recipe.data.max_seq_length}"
@@ -134,7 +135,7 @@ def _estimate(args: argparse.Namespace) -> None:
     print(f"training FLOPs per token: {estimates[0].flops_per_token / 1e6:,.1f} MFLOP")
     offloading = {" without offloading": False, " with activation offloading": True} if args.device == "cuda" else {}
     for label, offload in (offloading or {"": False}).items():
-        tokens = longest_sequence(recipe, args.device, limit, facts, offload)
+        tokens = longest_sequence(recipe, device=args.device, limit=limit, facts_dir=facts, offloading=offload)
         print(f"longest sequence that fits {limit / GIB:.1f} GiB at batch 1{label}: {tokens:,} tokens")
     total = estimates[-1].total
     if total <= limit:
@@ -142,7 +143,9 @@ def _estimate(args: argparse.Namespace) -> None:
         return
     print(f"does not fit in {limit / GIB:.1f} GiB; changes that would make it fit:")
     step = estimates[-1].step if shape is not None else None
-    for change in advice(recipe, args.device, limit, facts, step) or ["none of these settings alone"]:
+    for change in advice(recipe, device=args.device, limit=limit, facts_dir=facts, step=step) or [
+        "none of these settings alone"
+    ]:
         print(f"  {change}")
 
 
@@ -309,7 +312,7 @@ def parser() -> argparse.ArgumentParser:
     )
     recipe_arguments(est)
     est.add_argument("--gpu-mem", default="24GiB", help="memory of the GPU to fit in (default 24GiB)")
-    est.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where training will run")
+    est.add_argument("--device", choices=TRAINING_DEVICES, default="cuda", help="where training will run")
     est.set_defaults(func=_estimate)
 
     loftq = sub.add_parser(

@@ -26,6 +26,7 @@ from qlora_pipe import UserError
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Choices the command line offers (kept here, light to import, so that building the parser loads no library).
 DEVICES = ("auto", "cpu", "cuda")
+TRAINING_DEVICES = ("cuda", "cpu")  # what `estimate --device` predicts for: the GPU need not be on this machine
 MERGE_MODES = ("dequantized", "original")
 OUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 VERIFY_LEVELS = ("auto", "full", "layers", "none")

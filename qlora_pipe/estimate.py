@@ -304,14 +304,14 @@ def compute_bytes(recipe: Recipe, device: str) -> int:
 
 
 def estimate(
-    recipe: Recipe, device: str = "cuda", facts_dir: Path | None = None, step: StepShape | None = None
+    recipe: Recipe, *, device: str = "cuda", facts_dir: Path | None = None, step: StepShape | None = None
 ) -> Estimate:
     """Predicted peak memory of training `recipe` on `device`, from the base's config alone."""
     return predict(skeleton_for(recipe, facts_dir), recipe, device, compute_bytes(recipe, device), step)
 
 
 def advice(
-    recipe: Recipe, device: str, limit: int, facts_dir: Path | None = None, step: StepShape | None = None
+    recipe: Recipe, *, device: str, limit: int, facts_dir: Path | None = None, step: StepShape | None = None
 ) -> list[str]:
     """Single changes that bring the prediction under `limit`, cheapest first."""
     net, cb = skeleton_for(recipe, facts_dir), compute_bytes(recipe, device)
@@ -355,7 +355,7 @@ def advice(
 
 
 def longest_sequence(
-    recipe: Recipe, device: str, limit: int, facts_dir: Path | None = None, offloading: bool = False
+    recipe: Recipe, *, device: str, limit: int, facts_dir: Path | None = None, offloading: bool = False
 ) -> int:
     """The longest full-length sequence (a multiple of 256) whose training step at batch 1 is predicted to fit
     `limit`, with or without activation offloading (the recipe's other settings kept)."""
@@ -386,7 +386,7 @@ class MeasurePeak(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step + 1 != self.step or self.peak is not None:
             return
-        if torch.cuda.is_available():
+        if local_device() == "cuda":
             self.earlier_peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
@@ -396,7 +396,7 @@ class MeasurePeak(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step != self.step or self.peak is not None:
             return
-        if torch.cuda.is_available():
+        if local_device() == "cuda":
             self.peak = torch.cuda.max_memory_allocated()
         elif self.mode is not None:
             self.mode.__exit__(None, None, None)
@@ -406,7 +406,7 @@ class MeasurePeak(TrainerCallback):
 def peak_memory(earlier_cuda_peak: int = 0) -> dict:
     """Peak memory of this process: allocated tensor memory on CUDA (the larger of the allocator's peak and the one
     it had before a reset), resident set size on the CPU."""
-    if torch.cuda.is_available():
+    if local_device() == "cuda":
         peak = max(torch.cuda.max_memory_allocated(), earlier_cuda_peak)
         return {"peak_memory_gib": round(peak / 2**30, 3), "peak_memory_of": "cuda"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

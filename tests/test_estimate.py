@@ -210,7 +210,7 @@ def test_predicted_peak_for_the_data_is_within_10_percent_of_measured(name, tiny
     for section, values in changes.items():
         sections[section] = sections.get(section, {}) | values
     recipe = load_recipe(write_recipe(base, **sections))
-    worst_case = estimate(recipe, "cpu").total / GIB
+    worst_case = estimate(recipe, device="cpu").total / GIB
     metrics = json.loads((train(recipe) / "manifest.json").read_text())["metrics"]
     predicted, measured = metrics["peak_step_memory_predicted_gib"], metrics["peak_step_memory_measured_gib"]
     print(

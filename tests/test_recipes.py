@@ -94,11 +94,11 @@ HEADED = [p for p in RECIPES if "# Expected peak GPU memory:" in p.read_text()]
 @pytest.mark.parametrize("path", HEADED, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_recipe_header_states_the_peak_the_estimate_predicts(path):
     stated = float(re.search(r"# Expected peak GPU memory: ([\d.]+) GiB", path.read_text()).group(1))
-    predicted = estimate(load_recipe(path), "cuda", path.parent).total / GIB
+    predicted = estimate(load_recipe(path), device="cuda", facts_dir=path.parent).total / GIB
     assert stated == round(predicted, 2), f"{path}: header out of date; run python tools/recipe_headers.py"
 
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b/qlora_sft_12gb.yaml", "mistral-7b/qlora_sft_12gb.yaml"])
 def test_12gb_recipes_fit_12_gib_with_the_cuda_context(name):
     path = ROOT / "recipes" / name
-    assert estimate(load_recipe(path), "cuda", path.parent).total <= 11 * GIB  # and a GiB to spare
+    assert estimate(load_recipe(path), device="cuda", facts_dir=path.parent).total <= 11 * GIB  # and a GiB to spare

@@ -268,7 +268,7 @@ def flops_per_token(base: Path, recipe_path: Path) -> float:
     from qlora_pipe.config import load_recipe
     from qlora_pipe.estimate import estimate
 
-    return estimate(load_recipe(recipe_path), "cuda").flops_per_token
+    return estimate(load_recipe(recipe_path), device="cuda").flops_per_token
 
 
 def longest_sequence(stack: str, base: Path, work: Path, common: dict) -> int:

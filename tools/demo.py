@@ -48,7 +48,7 @@ def main_demo() -> None:
     report = json.loads((out / "merged" / "merge_report.json").read_text())
     from qlora_pipe.generate import generate
 
-    answer = generate(out / "merged", PROMPT, 8)
+    answer = generate(out / "merged", PROMPT, max_new_tokens=8)
     print("\n================ demo summary ================")
     print(f"train loss   {metrics['train_loss_first']:.3f} → {metrics['train_loss_last']:.3f}")
     drop = 1 - metrics["eval_loss_after"] / metrics["eval_loss_before"]

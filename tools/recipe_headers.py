@@ -23,9 +23,12 @@ MARK = "# Expected peak GPU memory:"
 
 def header(path: Path) -> list[str]:
     recipe = load_recipe(path)
-    est = estimate(recipe, "cuda", path.parent)
+    est = estimate(recipe, device="cuda", facts_dir=path.parent)
     parts = " + ".join(f"{name} {size / GIB:.2f}" for name, size in est.parts.items())
-    longest = [longest_sequence(recipe, "cuda", 24 * GIB, path.parent, offload) for offload in (False, True)]
+    longest = [
+        longest_sequence(recipe, device="cuda", limit=24 * GIB, facts_dir=path.parent, offloading=offload)
+        for offload in (False, True)
+    ]
     body = (
         f"{parts}. Activation terms measured on an H200 on Llama-3.1-8B's shape (within 3 % of the allocator's "
         f"peak at 32 layers; docs/benchmarks.md). Longest sequence at batch 1 on a 24 GiB card: {longest[0]:,} "

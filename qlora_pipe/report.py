@@ -10,8 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from qlora_pipe import UserError
-from qlora_pipe.manifest import MANIFEST, read_manifest
-from qlora_pipe.run import LOSS_CURVE, read_log
+from qlora_pipe.run import LOSS_CURVE, finished_metrics, read_log
 
 
 def summary(run: Path) -> dict:
@@ -19,10 +18,10 @@ def summary(run: Path) -> dict:
     records = read_log(run)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    manifest = read_manifest(run) if (run / MANIFEST).exists() else {}
-    metrics = manifest.get("metrics", {})
+    finished = finished_metrics(run)
+    metrics = finished or {}
     return {
-        "finished": bool(manifest),
+        "finished": finished is not None,
         "steps": metrics.get("steps", max((r["step"] for r in records), default=0)),
         "train_loss_first": train[0]["loss"] if train else None,
         "train_loss_last": train[-1]["loss"] if train else None,

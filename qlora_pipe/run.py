@@ -262,6 +262,11 @@ def keep_log_until(path: Path, step: int) -> None:
         path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
+def finished_metrics(run: Path) -> dict | None:
+    """The metrics of a finished run; None while it trains, or after it was interrupted."""
+    return read_manifest(run, "train")["metrics"] if (run / MANIFEST).exists() else None
+
+
 def read_log(run: Path) -> list[dict]:
     """The records of OUTPUT_DIR/train_log.jsonl, of a finished run or one still training."""
     path = run / TRAIN_LOG

@@ -35,9 +35,8 @@ def child(kind: str, shape_name: str) -> None:
     from qlora_pipe.model import NF4
 
     w = matrix(SHAPES[shape_name])
-    warm_up = matrix(
-        (256, 256)
-    ).float()  # first-call costs (thread pools, tables) are paid once per model, not per matrix
+    # first-call costs (thread pools, tables) are paid once per model, not per matrix
+    warm_up = matrix((256, 256)).float()
     if kind == "peft":
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
         from test_loftq import peft_loftq_init_on_cpu

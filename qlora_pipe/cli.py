@@ -102,7 +102,7 @@ def _check_data(args: argparse.Namespace) -> None:
 
 
 def _estimate(args: argparse.Namespace) -> None:
-    from qlora_pipe.estimate import GIB, advice, estimate, longest_sequence
+    from qlora_pipe.estimate import GIB, advice, data_step_shape, estimate, longest_sequence
     from qlora_pipe.shards import parse_size
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -147,29 +147,6 @@ def _estimate(args: argparse.Namespace) -> None:
         "none of these settings alone"
     ]:
         print(f"  {change}")
-
-
-def data_step_shape(recipe: Recipe):
-    """The largest micro-batch of the recipe's own data, tokenized as training will (None and the reason when the
-    data or the tokenizer is not on this machine)."""
-    from qlora_pipe import model
-    from qlora_pipe.data import prepare_data
-    from qlora_pipe.estimate import step_shape
-
-    if recipe.task != "causal_lm":
-        return None, "classifiers: predicted for full-length rows only"
-    if not Path(recipe.data.train).exists():
-        return None, f"data.train {recipe.data.train} is not a local path: predicted for full-length rows only"
-    base = model.check_base(recipe.model.base, recipe.model.allow_pickle)
-    try:
-        _, _, checked = prepare_data(recipe, base)
-    except UserError as e:
-        return None, f"the data could not be tokenized here ({e}): predicted for full-length rows only"
-    packed = recipe.train.packing is not False
-    shape = step_shape(checked.tokenized["train"], recipe, packed)
-    if recipe.train.packing == "auto":
-        shape.source += " (auto)"
-    return shape, None
 
 
 def _merge(args: argparse.Namespace) -> None:

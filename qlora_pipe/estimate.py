@@ -35,7 +35,8 @@ from qlora_pipe.config import (
     loss_chunk_tokens,
     optimizer_name,
 )
-from qlora_pipe.model import lora_targets, mlp_tile_tokens
+from qlora_pipe.data import prepare_data
+from qlora_pipe.model import check_base, lora_targets, mlp_tile_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,24 @@ def step_shape(dataset, recipe: Recipe, packed: bool) -> StepShape:
     top = lambda values: sum(sorted(values, reverse=True)[:batch])  # noqa: E731
     tokens = top(lengths) if packed else min(batch, len(lengths)) * max(lengths)
     return StepShape(tokens, top(labelled), f"the data, {'packed' if packed else 'padded'}")
+
+
+def data_step_shape(recipe: Recipe) -> tuple[StepShape | None, str | None]:
+    """The largest micro-batch of the recipe's own data, tokenized as training will; or None and the reason when the
+    data or the tokenizer is not on this machine."""
+    if recipe.task != "causal_lm":
+        return None, "classifiers: predicted for full-length rows only"
+    if not Path(recipe.data.train).exists():
+        return None, f"data.train {recipe.data.train} is not a local path: predicted for full-length rows only"
+    base = check_base(recipe.model.base, recipe.model.allow_pickle)
+    try:
+        _, _, checked = prepare_data(recipe, base)
+    except UserError as e:
+        return None, f"the data could not be tokenized here ({e}): predicted for full-length rows only"
+    shape = step_shape(checked.tokenized["train"], recipe, packed=recipe.train.packing is not False)
+    if recipe.train.packing == "auto":
+        shape.source += " (auto)"
+    return shape, None
 
 
 @dataclass

@@ -115,6 +115,12 @@ class DataConfig:
     max_truncated: float = 0.05
     """Largest share of examples whose trained tokens may be cut by max_seq_length; above it training refuses to
     start (see `qlora-pipe check-data`). 1 allows any."""
+    max_empty_replies: float = 0.0
+    """Largest share of examples with an empty (or whitespace-only) reply or completion; above it training refuses to
+    start: such examples teach the model to answer nothing. 0 allows none."""
+    skip_invalid_rows: bool = False
+    """Leave out rows that are not valid for the data format (wrong types, missing keys, another format, not JSON or
+    not UTF-8), reporting how many and where, instead of refusing the data."""
 
 
 @dataclass
@@ -247,6 +253,8 @@ def _check_values(recipe: Recipe) -> list[str]:
         (not 0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}"),
         (d.max_seq_length <= 0, "data.max_seq_length", f"must be a positive integer, got {d.max_seq_length}"),
         (not 0 <= d.max_truncated <= 1, "data.max_truncated", f"must be in [0, 1], got {d.max_truncated}"),
+        (not 0 <= d.max_empty_replies <= 1, "data.max_empty_replies", f"must be in [0, 1], got {d.max_empty_replies}"),
+        (not 0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2^32), got {t.seed}: any such integer works"),
         (t.epochs <= 0 and t.max_steps <= 0, "train.epochs", "must be positive (or set train.max_steps > 0)"),
         (t.max_steps == 0 or t.max_steps < -1, "train.max_steps", f"must be -1 or positive, got {t.max_steps}"),
         (t.learning_rate <= 0, "train.learning_rate", f"must be positive, got {t.learning_rate}"),
@@ -274,7 +282,21 @@ def _check_values(recipe: Recipe) -> list[str]:
             "applies to task causal_lm only (TRL's SFTTrainer offloads)",
         ),
     ]
-    return [f"{key}: {message}" for bad, key, message in checks if bad]
+    problems = [f"{key}: {message}" for bad, key, message in checks if bad]
+    return problems + [f"{key}: must be a finite number, got {value}" for key, value in _floats(recipe)]
+
+
+def _floats(recipe: Recipe) -> list[tuple[str, float]]:
+    """The recipe's float values that are nan or infinite (YAML reads `.nan` and `.inf`); the range checks above
+    cannot see a nan."""
+    bad = []
+    for section in dataclasses.fields(recipe):
+        values = getattr(recipe, section.name)
+        for f in dataclasses.fields(values) if dataclasses.is_dataclass(values) else []:
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad.append((f"{section.name}.{f.name}", value))
+    return bad
 
 
 def _type_name(tp: Any) -> str:

@@ -7,7 +7,6 @@ we only convert to the shapes it understands (`messages`, `prompt`/`completion`,
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import tempfile
 import warnings
@@ -23,19 +22,22 @@ from trl.chat_template_utils import get_training_chat_template
 from qlora_pipe import UserError
 from qlora_pipe.config import DataConfig, Recipe
 from qlora_pipe.model import load_tokenizer
+from qlora_pipe.rows import (
+    FORMAT_COLUMNS,
+    LOCAL_SUFFIXES,
+    SHAREGPT_ROLES,
+    Rows,
+    detect_format,
+    is_local,
+    read_file,
+    read_hub,
+    rename,
+    validated,
+)
 from qlora_pipe.templates import CHAT_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-FORMAT_COLUMNS = {
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "prompt-completion": ("prompt", "completion"),
-    "alpaca": ("instruction", "output"),
-    "text": ("text",),
-    "classification": ("text", "label"),
-}
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
@@ -61,11 +63,6 @@ class PreparedData:
         return {"train": self.train} | ({"eval": self.eval} if self.eval is not None else {})
 
 
-def is_local(source: str) -> bool:
-    """A path-like source (existing, or with a data-file suffix, or explicitly relative/absolute) is a local file."""
-    return Path(source).exists() or Path(source).suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -74,44 +71,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_json_rows(path: Path) -> list[dict]:
-    """Parse JSON Lines ourselves so a broken row is reported with its file and line, not as a pyarrow trace."""
-    text = path.read_text()
-    if path.suffix == ".json" and text.lstrip().startswith(("[", "{")):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        rows = rows.get("data", rows) if isinstance(rows, dict) else rows
-    else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
-                ) from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise UserError(f"{path}: expected JSON objects, one per example")
-    return rows
-
-
-def read_file(path: Path) -> datasets.Dataset:
-    kind = LOCAL_SUFFIXES.get(path.suffix)
-    if kind is None:
-        raise UserError(f"{path}: unsupported data file type; use one of {', '.join(LOCAL_SUFFIXES)}")
-    if kind == "json":
-        return datasets.Dataset.from_list(_read_json_rows(path))
-    return datasets.load_dataset(kind, data_files=str(path), split="train")
-
-
-def read_rows(source: str) -> tuple[datasets.Dataset, dict]:
-    """Load a local file, a directory of them, or a hub data set; return it with a record of where it came from."""
+def read_source(source: str, key: str) -> Rows:
+    """The rows of a local file, a directory of them, or a hub data set, with a record of where they came from."""
     if not is_local(source):
-        return datasets.load_dataset(source, split="train"), {"hub": source}
+        return read_hub(source, key)
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
@@ -120,76 +83,46 @@ def read_rows(source: str) -> tuple[datasets.Dataset, dict]:
     elif path.is_file():
         files = [path]
     else:
-        raise UserError(f"data file not found: {source} (data.train / data.eval take a file path or a hub name)")
+        raise UserError(f"data file not found: {source} ({key} takes a file path or a hub name)")
     parts = [read_file(f) for f in files]
-    columns = {tuple(sorted(p.column_names)) for p in parts}
-    if len(columns) > 1:
-        raise UserError(f"{path}: its files have different columns ({'; '.join(', '.join(c) for c in columns)})")
-    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    if len(ds) == 0:
+    rows = Rows(
+        [row for part in parts for row in part.rows],
+        [where for part in parts for where in part.where],
+        {},
+        [problem for part in parts for problem in part.problems],
+        [note for part in parts for note in part.notes],
+    )
+    if not rows.rows and not rows.problems:
         raise UserError(f"{path}: contains no examples")
     hashes = {str(f.resolve()): file_sha256(f) for f in files}
-    return ds, {
+    rows.source = {
         "path": str(path.resolve()),
         "sha256": hashes[str(files[0].resolve())] if path.is_file() else hashes,
-        "rows": len(ds),
+        "rows": len(rows.rows) + len(rows.problems),
     }
+    return rows
 
 
-def rename_columns(ds: datasets.Dataset, columns: dict[str, str] | None, source: str) -> datasets.Dataset:
-    """data.columns: {format's name: the file's name}."""
-    for ours, theirs in (columns or {}).items():
-        if theirs not in ds.column_names:
-            raise UserError(
-                f"data.columns: {source} has no column {theirs!r} (to read as {ours!r}); "
-                f"its columns are {', '.join(ds.column_names)}"
-            )
-        if ours != theirs:
-            ds = ds.rename_column(theirs, ours)
-    return ds
-
-
-SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "model": "assistant",
-    "chatgpt": "assistant",
-    "bing": "assistant",
-    "system": "system",
-}
+def read_split(cfg: DataConfig, source: str, key: str, fmt: str, render=None) -> tuple[list[dict], str, dict]:
+    """One split's rows, renamed by data.columns, in format `fmt` (or the detected one), every row validated: the
+    rows, their format and the record of their source (with rows skipped and notes on the encoding)."""
+    rows = read_source(source, key)
+    rename(rows, cfg.columns, source)
+    fmt = detect_format(rows, fmt, source)
+    good = validated(rows, fmt, cfg.skip_invalid_rows, key, render if fmt in ("messages", "sharegpt") else None)
+    if "skipped_invalid_rows" in rows.source:
+        logger.warning(
+            "data.skip_invalid_rows: left out %d invalid rows of %s (first at %s)",
+            rows.source["skipped_invalid_rows"],
+            source,
+            ", ".join(rows.source["skipped_at"]),
+        )
+    return good, fmt, rows.source | ({"notes": rows.notes} if rows.notes else {})
 
 
 def _sharegpt_to_messages(example: dict) -> dict:
-    messages = []
-    for turn in example["conversations"]:
-        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
-        if role is None:
-            raise UserError(
-                f"sharegpt turn with unknown `from` {turn.get('from')!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
-            )
-        messages.append({"role": role, "content": turn["value"]})
+    messages = [{"role": SHAREGPT_ROLES[t["from"].lower()], "content": t["value"]} for t in example["conversations"]]
     return {"messages": messages}
-
-
-def detect_format(columns: list[str], requested: str, source: str) -> str:
-    if requested != "auto":
-        missing = [c for c in FORMAT_COLUMNS[requested] if c not in columns]
-        if missing:
-            raise UserError(
-                f"{source}: data.format is {requested!r} but column(s) {', '.join(missing)} are missing "
-                f"(found: {', '.join(columns)})"
-            )
-        return requested
-    for fmt, needed in FORMAT_COLUMNS.items():
-        if all(c in columns for c in needed):
-            return fmt
-    expected = "; ".join(f"{fmt}: {', '.join(cols)}" for fmt, cols in FORMAT_COLUMNS.items())
-    raise UserError(
-        f"{source}: cannot tell the data format from columns {', '.join(columns)}; expected {expected}; "
-        "or map your columns with data.columns, e.g. {prompt: question, completion: answer}"
-    )
 
 
 # Pad tokens that exist, unused, in common families' vocabularies (Llama-3's reserved pad, Qwen's endoftext, ...).
@@ -303,26 +236,28 @@ def to_trl(ds: datasets.Dataset, fmt: str, tokenizer) -> tuple[datasets.Dataset,
 
 def load_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read train (and eval) data, convert both to the same TRL shape, hold out an eval split if asked."""
-    train, train_src = read_rows(cfg.train)
-    train = rename_columns(train, cfg.columns, cfg.train)
-    fmt = detect_format(train.column_names, cfg.format, cfg.train)
-    train, assistant_only = to_trl(train, fmt, tokenizer)
-    train, evaluation, sources = with_eval(
-        cfg,
-        train,
-        train_src,
-        seed,
-        lambda ds: to_trl(ds, detect_format(ds.column_names, fmt, cfg.eval), tokenizer)[0],
-    )
+
+    def chat_template(turns: list[dict]) -> None:
+        tokenizer.apply_chat_template(turns, tokenize=False)
+
+    render_check = chat_template if tokenizer.chat_template else None
+    train, fmt, train_src = read_split(cfg, cfg.train, "data.train", cfg.format, render_check)
+    train, assistant_only = to_trl(datasets.Dataset.from_list(train), fmt, tokenizer)
+
+    def read_eval() -> tuple[datasets.Dataset, dict]:
+        evaluation, eval_fmt, source = read_split(cfg, cfg.eval, "data.eval", fmt, render_check)
+        return to_trl(datasets.Dataset.from_list(evaluation), eval_fmt, tokenizer)[0], source
+
+    train, evaluation, sources = with_eval(cfg, train, train_src, seed, read_eval)
     return PreparedData(train, evaluation, fmt, assistant_only, sources)
 
 
-def with_eval(cfg: DataConfig, train: datasets.Dataset, train_src: dict, seed: int, convert) -> tuple:
+def with_eval(cfg: DataConfig, train: datasets.Dataset, train_src: dict, seed: int, read_eval) -> tuple:
     """(train, eval or None, sources): data.eval read and converted like train, else a held-out share of train."""
     sources = {"train": train_src}
     if cfg.eval:
-        evaluation, sources["eval"] = read_rows(cfg.eval)
-        return train, convert(rename_columns(evaluation, cfg.columns, cfg.eval)), sources
+        evaluation, sources["eval"] = read_eval()
+        return train, evaluation, sources
     if cfg.eval_fraction > 0 and len(train) >= 2:
         split = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
         sources["eval"] = {"held_out_fraction": cfg.eval_fraction, "rows": len(split["test"])}
@@ -522,31 +457,28 @@ def label_names(values: list, source: str) -> list[str]:
     raise UserError(f"{source}: the label column must hold all integers or all strings")
 
 
-def _label_ids(ds: datasets.Dataset, labels: list[str], source: str) -> datasets.Dataset:
+def _label_ids(rows: list[dict], labels: list[str], source: str) -> datasets.Dataset:
     index = {name: i for i, name in enumerate(labels)}
-    unknown = sorted({str(v) for v in ds["label"]} - set(index))
+    unknown = sorted({str(row["label"]) for row in rows} - set(index))
     if unknown:
         raise UserError(
             f"{source}: labels {', '.join(unknown[:5])} do not occur in the training data ({', '.join(labels)})"
         )
-    return ds.map(lambda ex: {"label": index[str(ex["label"])]}).select_columns(["text", "label"])
+    return datasets.Dataset.from_list([{"text": row["text"], "label": index[str(row["label"])]} for row in rows])
 
 
 def load_classification(cfg: DataConfig, seed: int) -> PreparedData:
     """text/label rows for task seq_cls; labels become ids 0..n-1 over the training data's classes."""
-    train, train_src = read_rows(cfg.train)
-    train = rename_columns(train, cfg.columns, cfg.train)
-    detect_format(train.column_names, "classification", cfg.train)
-    labels = label_names(list(train["label"]), cfg.train)
-    if len(set(train["label"])) < 2:
+    train, _, train_src = read_split(cfg, cfg.train, "data.train", "classification")
+    labels = label_names([row["label"] for row in train], cfg.train)
+    if len({row["label"] for row in train}) < 2:
         raise UserError(f"{cfg.train}: every example has the same label; a classifier needs at least two classes")
-    train = _label_ids(train, labels, cfg.train)
 
-    def convert(ds: datasets.Dataset) -> datasets.Dataset:
-        detect_format(ds.column_names, "classification", cfg.eval)
-        return _label_ids(ds, labels, cfg.eval)
+    def read_eval() -> tuple[datasets.Dataset, dict]:
+        evaluation, _, source = read_split(cfg, cfg.eval, "data.eval", "classification")
+        return _label_ids(evaluation, labels, cfg.eval), source
 
-    train, evaluation, sources = with_eval(cfg, train, train_src, seed, convert)
+    train, evaluation, sources = with_eval(cfg, _label_ids(train, labels, cfg.train), train_src, seed, read_eval)
     return PreparedData(train, evaluation, "classification", False, sources, labels)
 
 

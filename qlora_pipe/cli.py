@@ -93,6 +93,21 @@ def _check_data(args: argparse.Namespace) -> None:
             f"{r['empty_loss_mask']} with an empty loss mask; "
             f"{r['eos_not_trained']} with eos not trained"
         )
+        counts = {
+            "empty_replies": "with an empty reply",
+            "duplicates": "exact duplicates",
+            "no_user_turn": "without a user turn",
+            "turns_longer_than_max_seq_length": "with a turn longer than max_seq_length",
+            "also_in_train": "also in the training data",
+        }
+        found = [f"{r[key]} {text}" for key, text in counts.items() if key in r]
+        print(f"  content: {'; '.join(found)}")
+    for name, source in prepared.sources.items():
+        if source.get("skipped_invalid_rows"):
+            first = source["skipped_at"][0]
+            print(f"{name}: left out {source['skipped_invalid_rows']} invalid rows (first at {first})")
+        for note in source.get("notes", []):
+            print(f"{name}: note: {note}")
     example = checked.report["train"]["example"]
     if example is not None:
         print(f"\nfirst training example (trained tokens between {TRAINED_OPEN} and {TRAINED_CLOSE}):\n{example}")
@@ -381,6 +396,8 @@ def quiet_libraries() -> None:
     # bitsandbytes announces an optional CPU kernel package at import on every run; it is not an error.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    # Without network the hub client warns of every failed request before the error we report.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

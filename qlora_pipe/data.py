@@ -7,6 +7,7 @@ we only convert to the shapes it understands (`messages`, `prompt`/`completion`,
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import tempfile
 import warnings
@@ -410,6 +411,13 @@ def fatal_problems(name: str, report: dict, cfg: DataConfig, tokenizer) -> list[
             f"learn to stop; set data.chat_template to the built-in template of this model's family (chatml, "
             f"llama-2, llama-3, mistral), which makes its end-of-turn token the eos"
         )
+    empty_share = report.get("empty_replies", 0) / max(n, 1)
+    if empty_share > cfg.max_empty_replies:
+        problems.append(
+            f"{name}: {report['empty_replies']} of {n} examples have an empty reply (rows "
+            f"{report['content_rows']['empty_replies']}), which would teach the model to answer nothing; fill or drop "
+            f"them, or raise data.max_empty_replies"
+        )
     share = report["trained_tokens_cut"] / max(n, 1)
     if share > cfg.max_truncated:
         problems.append(
@@ -439,8 +447,72 @@ def check(prepared: PreparedData, tokenizer, cfg: DataConfig) -> CheckedData:
         usable = ds.select(kept) if skipped else ds
         tokenized[name] = tokenize(usable, tokenizer, prepared.assistant_only_loss, name) if len(usable) else usable
         report[name] = check_split(len(ds), tokenized[name], kept, skipped, tokenizer, cfg.max_seq_length)
+        report[name] |= content(ds, tokenizer, cfg.max_seq_length)
         fatal += fatal_problems(name, report[name], cfg, tokenizer)
+    fatal += check_leakage(prepared, report)
     return CheckedData(tokenized, report, fatal)
+
+
+# ---- content: what the rows say, beyond their shape ------------------------------------------------------------
+
+# Eval examples that are also training examples measure memory, not learning: above this share of the eval split
+# training refuses to start (below it they are reported).
+MAX_LEAKED_SHARE = 0.02
+
+
+def _turns(example: dict) -> list[dict]:
+    """An example as turns: chat rows as they are, plain prompt/completion/text rows as one user and one assistant
+    turn."""
+    if "messages" in example:
+        return example["messages"]
+    if "text" in example:
+        return [{"role": "assistant", "content": example["text"]}]
+    if isinstance(example["prompt"], list):
+        return example["prompt"] + example["completion"]
+    return [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["completion"]}]
+
+
+def content(ds: datasets.Dataset, tokenizer, max_len: int) -> dict:
+    """Per split: examples with an empty reply, exact duplicates, conversations without a user turn, and examples
+    with a single turn longer than max_seq_length (no truncation can make those useful)."""
+    empty, no_user, long_turns, seen, duplicates = [], [], [], set(), 0
+    for i, example in enumerate(ds):
+        turns = _turns(example)
+        if any(t["role"] == "assistant" and not (t["content"] or "").strip() for t in turns):
+            empty.append(i)
+        if "messages" in example and not any(t["role"] == "user" for t in turns):
+            no_user.append(i)
+        key = json.dumps(example, sort_keys=True)
+        duplicates += key in seen
+        seen.add(key)
+        # a turn has at most one token per UTF-8 byte (plus the special tokens the tokenizer adds): only longer ones
+        # can be over the limit, so only those are tokenized
+        candidates = [t["content"] for t in turns if len((t["content"] or "").encode()) + 2 > max_len]
+        if candidates and max(len(ids) for ids in tokenizer(candidates)["input_ids"]) > max_len:
+            long_turns.append(i)
+    return {
+        "empty_replies": len(empty),
+        "duplicates": duplicates,
+        "no_user_turn": len(no_user),
+        "turns_longer_than_max_seq_length": len(long_turns),
+        "content_rows": {"empty_replies": empty[:5], "no_user_turn": no_user[:5], "long_turns": long_turns[:5]},
+    }
+
+
+def check_leakage(prepared: PreparedData, report: dict) -> list[str]:
+    """Eval examples that are also in the training data: counted in the eval report, fatal above MAX_LEAKED_SHARE."""
+    if prepared.eval is None:
+        return []
+    train = {json.dumps(example, sort_keys=True) for example in prepared.train}
+    leaked = sum(json.dumps(example, sort_keys=True) in train for example in prepared.eval)
+    report["eval"]["also_in_train"] = leaked
+    share = leaked / max(len(prepared.eval), 1)
+    if share <= MAX_LEAKED_SHARE:
+        return []
+    return [
+        f"eval: {leaked} of {len(prepared.eval)} examples ({share:.0%}) are also training examples, so the eval loss "
+        f"would measure memory; remove them from data.eval (or deduplicate the data before it is split)"
+    ]
 
 
 # ---- sequence classification (task: seq_cls) ---------------------------------------------------------------------
@@ -512,6 +584,9 @@ def check_classification(prepared: PreparedData, tokenizer, cfg: DataConfig) -> 
             batched=True,
             remove_columns=["text"],
         )
+    for name, ds in prepared.splits().items():
+        report[name]["duplicates"] = len(ds) - len({json.dumps(row, sort_keys=True) for row in ds})
+    fatal += check_leakage(prepared, report)
     return CheckedData(tokenized, report, fatal)
 
 

@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from qlora_pipe import UserError
 from qlora_pipe.config import ModelConfig, Recipe, compute_dtype, device_choice, local_device
+from qlora_pipe.rows import check_hub_id
 from qlora_pipe.run import Run, load_run, run_dir_of
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def check_base(base: str, allow_pickle: bool = False) -> str:
     path = Path(base).expanduser()
     looks_like_hub_id = base.count("/") == 1 and not base.startswith((".", "/", "~")) and not path.exists()
     if looks_like_hub_id:
+        check_hub_id(base, "model.base", "directory")
         return base
     if not path.is_dir():
         raise UserError(f"model.base: directory not found: {base} (give a local checkpoint directory or a hub id)")

@@ -294,7 +294,11 @@ def row_problems(row: dict, fmt: str) -> list[str]:
     elif fmt == "sharegpt":
         _turns(row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES, problems)
     elif fmt == "prompt-completion":
-        if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if isinstance(prompt, list) != isinstance(completion, list):
+            got = f"{describe(prompt)} and {describe(completion)}"
+            problems.append(f"prompt and completion: expected both text or both lists of turns, got {got}")
+        elif isinstance(prompt, list):
             _turns(row.get("prompt"), "prompt", "role", "content", {r: r for r in ROLES}, problems)
             _turns(row.get("completion"), "completion", "role", "content", {r: r for r in ROLES}, problems)
         else:
@@ -343,6 +347,7 @@ def validated(rows: Rows, fmt: str, skip_invalid: bool, key: str, render=None) -
         else:
             good.append(normalized(row, fmt))
     total = len(rows.rows) + len(rows.problems)
+    problems.sort(key=lambda problem: _position(problem[0]))
     if problems and not skip_invalid:
         raise UserError(invalid_rows_message(key, problems, total, fmt))
     if problems:
@@ -352,6 +357,12 @@ def validated(rows: Rows, fmt: str, skip_invalid: bool, key: str, render=None) -
         where, what = problems[0]
         raise UserError(f"{key}: none of the {total} rows is a valid {fmt} row (first: {where}: {what})")
     return good
+
+
+def _position(where: str) -> tuple[str, int]:
+    """file:line, "file: item N" or "source: row N" as a sortable (source, number)."""
+    head, _, number = where.replace(": item ", ":").replace(": row ", ":").rpartition(":")
+    return (head, int(number)) if number.isdigit() else (where, 0)
 
 
 def _mostly_conversational(rows: list[dict]) -> bool:

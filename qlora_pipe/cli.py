@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import yaml
@@ -33,6 +34,12 @@ from qlora_pipe.config import (
 )
 from qlora_pipe.manifest import read_manifest
 from qlora_pipe.run import ADAPTER, LOFTQ_REPORT, MERGE_REPORT
+
+LIBRARY_NOTICES = (
+    r"`is_gradient_checkpointing` is deprecated",
+    r"Setting `save_embedding_layers` to `True`",
+    r"fan_in_fan_out is set to False but the target module is `Conv1D`",
+)
 
 
 def recipe_help() -> str:
@@ -392,13 +399,21 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(terminal: bool) -> None:
     # bitsandbytes announces an optional CPU kernel package at import on every run; it is not an error.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     # Without network the hub client warns of every failed request before the error we report.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Notices the user can do nothing about: a library's own deprecations, PEFT reporting what it does anyway.
+    for message in LIBRARY_NOTICES:
+        warnings.filterwarnings("ignore", message=message)
+    if not terminal:
+        # Progress bars are for terminals; in a log each stage says one line instead. tqdm (>= 4.66) takes its
+        # defaults from TQDM_* variables; datasets and the hub client have their own switches.
+        for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(name, "1")
 
 
 def exit_on_sigterm(signum, frame) -> None:
@@ -408,7 +423,7 @@ def exit_on_sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_libraries()
+    quiet_libraries(sys.stderr.isatty())
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     args = parser().parse_args(argv)
     try:

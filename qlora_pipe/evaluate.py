@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from qlora_pipe import UserError, data
 from qlora_pipe.config import LABEL_TOKENS, DataConfig, Recipe
 from qlora_pipe.model import load_for_inference
 from qlora_pipe.run import recipe_behind
+
+logger = logging.getLogger(__name__)
 
 
 def eval_data_config(recipe: Recipe | None, data_file: str | None) -> tuple[DataConfig, str]:
@@ -42,6 +45,7 @@ def token_loss(net, tokenized, pad_id: int, batch_size: int) -> tuple[float, int
     collate = DataCollatorForLanguageModeling(pad_token_id=pad_id)
     total, count = 0.0, 0
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tokenized]
+    logger.info("loss over %d examples", len(rows))
     for start in tqdm(range(0, len(rows), batch_size), desc="loss", leave=False):
         batch = {k: v.to(net.device) for k, v in collate(rows[start : start + batch_size]).items()}
         with torch.no_grad():
@@ -70,6 +74,7 @@ def exact_match(net, tokenizer, tokenized) -> dict:
     stop = list({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])} - {None})
     hits, wrong = 0, []
     net.eval()
+    logger.info("exact match: generating %d answers", len(pairs))
     for prompt, answer in tqdm(pairs, desc="exact match", leave=False):
         with torch.no_grad():
             out = net.generate(

@@ -166,6 +166,7 @@ def run_loftq(recipe: Recipe, *, device: str = "auto") -> Path:
     refs = read_index(files)
     lo = recipe.lora
     scaling = lora_scale(lo.r, lo.alpha, lo.use_rslora)
+    logger.info("LoftQ: fitting %d matrices on %s", len(keys), dev.type)
     for index, ref in enumerate(tqdm([r for r in refs if r.key in keys], desc="LoftQ", unit="matrix")):
         done = partial / f"{index:05d}.safetensors"
         if done.exists():

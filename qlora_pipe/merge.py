@@ -243,6 +243,7 @@ def merged_tensor(job: MergeJob, tensor: torch.Tensor, name: str | None) -> torc
 def stream_merge(job: MergeJob, out: Path, max_shard_size: int) -> None:
     plan = job.plan
     writer = ShardWriter(out, plan.outputs(job.adapter), max_shard_size)
+    logger.info("merging %d tensors (%.2f GB) in %s mode", len(plan.refs), writer.total_bytes / 1e9, job.mode)
     bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
     # The next tensor is read while this one is computed (and the last one written): disk and CPU overlap.
     with bar, ThreadPoolExecutor(1, thread_name_prefix="shard-reader") as reader:

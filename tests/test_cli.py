@@ -104,3 +104,15 @@ def test_check_data_passes_good_data_and_train_refuses_what_it_flags(write_recip
         "lose trained tokens to data.max_seq_length=16",
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_output_to_a_log_has_no_progress_bars_or_library_notices(write_recipe, tiny_model):
+    """stderr is a file here, not a terminal: one line per stage, no bars redrawn with \\r, no library warnings."""
+    for argv in (
+        ["check-data", str(write_recipe(tiny_model("llama")))],
+        ["generate", str(tiny_model("llama")), "--prompt", "hi", "--max-new-tokens", "2"],
+    ):
+        result = run_cli(*argv)
+        assert result.returncode == 0, result.stderr
+        assert "\r" not in result.stderr and "it/s]" not in result.stderr, result.stderr
+        assert "Warning" not in result.stderr, result.stderr

@@ -12,13 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+from qlora_pipe.cli import main, quiet_libraries
+from qlora_pipe.config import load_recipe
+
+# As the command line does, before the libraries are imported (they read their progress-bar switches then): bars on
+# a terminal, one line per stage in a log.
+quiet_libraries(sys.stderr.isatty())
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builder
 
 from tiny_models import build  # noqa: E402
-
-from qlora_pipe.cli import main  # noqa: E402
-from qlora_pipe.config import load_recipe  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tiny" / "cpu_demo.yaml"
 PROMPT = "Classify the sentiment of this review as positive or negative.\nReview: The soup was wonderful and superb."

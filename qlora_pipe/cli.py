@@ -252,6 +252,15 @@ def _generate(args: argparse.Namespace) -> None:
     print(generate(args.path, args.prompt, max_new_tokens=args.max_new_tokens))
 
 
+def _chat(args: argparse.Namespace) -> None:
+    from qlora_pipe.generate import chat
+
+    try:
+        chat(args.path, max_new_tokens=args.max_new_tokens, system=args.system)
+    except KeyboardInterrupt:  # Ctrl-C ends a chat as /exit does
+        print()
+
+
 def recipe_arguments(command: argparse.ArgumentParser) -> None:
     """RECIPE and its key.sub=value overrides, as every recipe command takes them."""
     command.add_argument("recipe", help="recipe YAML file")
@@ -396,6 +405,20 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="user message")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
     gen.set_defaults(func=_generate)
+
+    talk = sub.add_parser(
+        "chat",
+        help="chat with a merged model, a run, or a base",
+        description="Interactive multi-turn chat: the chat template applied, each reply streamed as it is generated "
+        "(greedy, stopping at eos), the conversation kept as history (the oldest turns are dropped when it outgrows "
+        "the model's context). Type /reset to clear the conversation, /exit or Ctrl-D to end.",
+    )
+    talk.add_argument("path", help="merged directory, run directory (base + adapter) or model directory")
+    talk.add_argument(
+        "--max-new-tokens", type=int, default=256, help="at most this many tokens per reply (default 256)"
+    )
+    talk.add_argument("--system", help="a system message to start the conversation with")
+    talk.set_defaults(func=_chat)
     return top
 
 

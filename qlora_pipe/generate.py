@@ -1,34 +1,109 @@
-"""Generate stage: greedy completion from a merged directory, a training run (NF4 base + adapter) or a plain base
-directory."""
+"""Generate stage: one greedy completion (`qlora-pipe generate`) or an interactive chat (`qlora-pipe chat`), from a
+merged directory, a training run (NF4 base + adapter) or a plain base directory."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import TextIO
 
 import torch
+from transformers import TextStreamer
 
 from qlora_pipe.model import load_for_inference
+
+CHAT_HELP = "/reset clears the conversation, /exit (or Ctrl-D) ends it"
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
+    """The conversation as the model was trained to read it, ending where the assistant's reply begins: the chat
+    template where the tokenizer has one, else the turns as plain text."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    if len(messages) == 1:
+        return tokenizer(messages[0]["content"], return_tensors="pt").input_ids
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def reply(net, tokenizer, messages: list[dict], max_new_tokens: int, streamer=None) -> str:
+    """The model's greedy reply to `messages`, stopping at eos (streamed to `streamer` as it is generated)."""
+    ids = prompt_ids(tokenizer, messages).to(net.device)
+    eos = net.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    with torch.no_grad():
+        output = net.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=[tokenizer.eos_token_id, *eos],
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+        )
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def generate(path: str | Path, prompt: str, *, max_new_tokens: int = 64) -> str:
     """Greedy completion of `prompt` (wrapped in the chat template when the tokenizer has one), stopping at eos."""
     net, tokenizer, _ = load_for_inference(path)
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        text = prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=tokenizer.chat_template is None).to(net.device)
-    eos = net.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
     net.eval()
-    with torch.no_grad():
-        output = net.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=[tokenizer.eos_token_id, *eos],
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return reply(net, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens)
+
+
+class _Streamer(TextStreamer):
+    """transformers' streamer, writing to `out` instead of printing."""
+
+    def __init__(self, tokenizer, out: TextIO):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.flush()
+
+
+def fit_context(net, tokenizer, history: list[dict], max_new_tokens: int) -> list[dict]:
+    """The most recent turns that leave room for the reply in the model's context (the oldest exchanges go first;
+    a leading system turn stays)."""
+    limit = getattr(net.config.get_text_config(), "max_position_embeddings", None)
+    system = history[:1] if history and history[0]["role"] == "system" else []
+    turns = history[len(system) :]
+    while limit and len(turns) > 1 and prompt_ids(tokenizer, system + turns).shape[1] + max_new_tokens > limit:
+        turns = turns[2:]
+    return system + turns
+
+
+def chat(
+    path: str | Path,
+    *,
+    max_new_tokens: int = 256,
+    system: str | None = None,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+) -> None:
+    """Talk with a model turn by turn: each reply streamed as it is generated, the conversation kept as history."""
+    net, tokenizer, description = load_for_inference(path)
+    net.eval()
+    stdout.write(f"chatting with {description}; {CHAT_HELP}\n")
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    while True:
+        stdout.write("you> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            stdout.write("\n" if not line else "")
+            return
+        text = line.strip()
+        if text == "/reset":
+            history = list(start)
+            stdout.write("(conversation cleared)\n")
+            continue
+        if not text:
+            continue
+        history = fit_context(net, tokenizer, [*history, {"role": "user", "content": text}], max_new_tokens)
+        stdout.write("model> ")
+        answer = reply(net, tokenizer, history, max_new_tokens, _Streamer(tokenizer, stdout))
+        history.append({"role": "assistant", "content": answer})

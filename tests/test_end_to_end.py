@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from qlora_pipe import UserError, cli, model
 from qlora_pipe.config import load_recipe
-from qlora_pipe.generate import generate
+from qlora_pipe.generate import chat, generate, reply
 from qlora_pipe.merge import merge
 from qlora_pipe.train import build_trainer
 
@@ -146,6 +147,34 @@ def test_generate_works_on_run_adapter_merged_and_base(tiny_model, write_recipe,
     assert all(isinstance(text, str) for text in outputs.values())
     # the run (NF4 + adapter) and its merged model are the same model up to NF4 re-quantization in bf16/fp32 math
     assert outputs["run"] == outputs["adapter"]
+
+
+def test_chat_streams_replies_keeps_history_and_resets(tiny_model, write_recipe, tmp_path):
+    """Scripted stdin on a run (NF4 + adapter), its merged model and the base: every streamed reply equals the greedy
+    reply to the conversation so far (history kept, /reset clears it), and /exit ends the chat."""
+    run, base = tmp_path / "run", tiny_model("llama")
+    assert cli.main(["train", str(write_recipe(base))]) == 0
+    assert cli.main(["merge", str(run)]) == 0
+    first, second, third = (p.replace("\n", " ") for p in (*PROMPTS, "Say something."))  # one line is one turn
+    for path in (run, run / "merged", base):
+        out = io.StringIO()
+        chat(
+            path,
+            max_new_tokens=6,
+            stdin=io.StringIO(f"{first}\n{second}\n/reset\n{third}\n/exit\nignored\n"),
+            stdout=out,
+        )
+        streamed = [
+            line.removeprefix("model> ") for line in out.getvalue().split("you> ") if line.startswith("model> ")
+        ]
+        net, tokenizer, _ = model.load_for_inference(path)
+        net.eval()
+        a = reply(net, tokenizer, [{"role": "user", "content": first}], 6)
+        history = [{"role": "user", "content": first}, {"role": "assistant", "content": a}]
+        b = reply(net, tokenizer, [*history, {"role": "user", "content": second}], 6)
+        c = reply(net, tokenizer, [{"role": "user", "content": third}], 6)
+        assert [text.rstrip("\n") for text in streamed] == [a, b, c], path
+        assert "(conversation cleared)" in out.getvalue() and out.getvalue().count("you> ") == 5
 
 
 def test_manifest_records_what_merge_needs(tiny_model, write_recipe, tmp_path):

@@ -282,6 +282,15 @@ def _check_values(recipe: Recipe) -> list[str]:
             "applies to task causal_lm only (TRL's SFTTrainer offloads)",
         ),
     ]
+    paths = {"model.base": m.base, "data.train": d.train, "data.eval": d.eval, "output_dir": recipe.output_dir}
+    checks += [
+        (
+            bool(value) and ("\x00" in value or any(len(part.encode()) > 255 for part in value.split("/"))),
+            key,
+            "is not a usable path or hub id (a NUL byte, or a name longer than 255 bytes)",
+        )
+        for key, value in paths.items()
+    ]
     problems = [f"{key}: {message}" for bad, key, message in checks if bad]
     return problems + [f"{key}: must be a finite number, got {value}" for key, value in _floats(recipe)]
 

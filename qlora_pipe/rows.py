@@ -73,8 +73,9 @@ def check_hub_id(value: str, key: str, what: str) -> None:
         ) from None
 
 
-def _decode_lines(path: Path, data: bytes) -> tuple[list[tuple[int, str | None]], list[str]]:
-    """(line number, text or None where the line is not UTF-8) for every line, and notes on the encoding."""
+def _decode_lines(path: Path, data: bytes) -> tuple[list[tuple[int, str | None, str]], list[str]]:
+    """(line number, text or None where the line is not UTF-8, where the first bad byte is) for every line, and
+    notes on the encoding."""
     notes = []
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -84,20 +85,19 @@ def _decode_lines(path: Path, data: bytes) -> tuple[list[tuple[int, str | None]]
     lines = []
     for number, raw in enumerate(data.splitlines(), 1):
         try:
-            lines.append((number, raw.decode("utf-8")))
+            lines.append((number, raw.decode("utf-8"), ""))
         except UnicodeDecodeError as e:
-            lines.append((number, None))
-            notes.append(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+            lines.append((number, None, f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"))
     return lines, notes
 
 
 def read_jsonl(path: Path) -> Rows:
     lines, notes = _decode_lines(path, path.read_bytes())
-    out = Rows([], [], {}, notes=[n for n in notes if "not valid UTF-8" not in n])
-    for number, text in lines:
+    out = Rows([], [], {}, notes=notes)
+    for number, text, bad_byte in lines:
         where = f"{path}:{number}"
         if text is None:
-            out.problems.append((where, "not valid UTF-8; re-save the file as UTF-8"))
+            out.problems.append((where, f"not valid UTF-8 ({bad_byte}); re-save the file as UTF-8"))
         elif text.strip():
             try:
                 row = json.loads(text)
@@ -139,12 +139,14 @@ def read_table(path: Path, kind: str) -> Rows:
     notes = []
     if kind == "csv":
         lines, notes = _decode_lines(path, path.read_bytes())
-        bad = [number for number, text in lines if text is None]
-        if bad:
-            raise UserError(f"{path}:{bad[0]}: not valid UTF-8 ({len(bad)} lines); re-save the file as UTF-8")
+        bad = [(number, bad_byte) for number, text, bad_byte in lines if text is None]
+        if bad:  # a CSV's rows are parsed by pandas, whole: the file must be fixed first
+            raise UserError(
+                f"{path}:{bad[0][0]}: not valid UTF-8 ({bad[0][1]}; {len(bad)} such lines); re-save the file as UTF-8"
+            )
     try:
         table = datasets.Dataset.from_csv(str(path)) if kind == "csv" else datasets.Dataset.from_parquet(str(path))
-    except Exception as e:  # noqa: BLE001  pyarrow and pandas raise many types for a malformed file
+    except Exception as e:  # pyarrow and pandas raise many types for a malformed file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot be read as {kind.upper()}: {first}") from None
     return Rows(table.to_list(), [f"{path}: row {i}" for i in range(1, len(table) + 1)], {}, notes=notes)
@@ -378,7 +380,7 @@ def _render_problem(render, row: dict, fmt: str) -> list[str]:
         return []
     try:
         render(turns)
-    except Exception as e:  # noqa: BLE001  jinja2 raises TemplateError (raise_exception) or a type error in the template
+    except Exception as e:  # jinja2 raises TemplateError (raise_exception), or any error inside the template
         return [
             f"the chat template refuses this conversation: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ]

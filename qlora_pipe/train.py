@@ -19,6 +19,7 @@ import torch
 import trl.kernels.chunked_logprob as trl_head
 import trl.trainer.utils as trl_utils
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -150,6 +151,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
             "train.activation_offloading: needs a CUDA GPU (it moves activations from GPU memory to pinned CPU "
             "memory; on the CPU they are in host memory already); set it to false"
         )
+    check_trackers(report_to(recipe.train.report_to))
     tokenizer, prepared, checked = data.prepare_data(recipe, base)
     if checked.fatal:
         raise UserError(data.refusal(checked))
@@ -207,6 +209,19 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         "packing": packing,
     }
     return trainer, facts
+
+
+def check_trackers(value: str | list[str]) -> None:
+    """train.report_to names trackers transformers knows and this machine has (else the Trainer fails after the model
+    is loaded)."""
+    names = [value] if isinstance(value, str) else value
+    available = set(get_available_reporting_integrations())
+    for name in (n for n in names if n not in ("none", "all")):
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(["none", "all", *sorted(INTEGRATION_TO_CALLBACK)])
+            raise UserError(f"train.report_to: unknown tracker {name!r}; choose from {known}")
+        if name not in available:
+            raise UserError(f"train.report_to: {name} is not installed here; install it, or set report_to: none")
 
 
 def adapted_model(

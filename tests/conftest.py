@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
-import pytest
-import yaml
-from tiny_models import build, build_like
+# The suite runs offline: the hub clients read this when they are imported (below), so a hub id fails at once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from tiny_models import build, build_like  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -67,6 +67,8 @@ def prepare(setup: str | None, tmp: Path, tiny: Path, finished_run: Path) -> Non
         torch.save({"w": torch.zeros(1)}, base / "pytorch_model.bin")
     elif setup == "adapter_as_base":
         (base / "adapter_config.json").write_text("{}")
+    elif setup == "latin1_data":  # a spreadsheet export saved in Latin-1: the second row is not UTF-8
+        (tmp / "d.jsonl").write_bytes('{"text": "a"}\n{"text": "café"}\n'.encode("latin-1"))
     elif setup in ("run", "changed_base_run"):
         shutil.copytree(finished_run, tmp / "run_copy")
     if setup == "changed_base_run":  # the run's base, then changed where the fingerprint samples it

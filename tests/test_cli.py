@@ -77,7 +77,9 @@ def test_every_recipe_field_is_documented_in_help():
                 assert f"    {name} (default " in text and doc, name
 
 
-@pytest.mark.parametrize("command", ["train", "check-data", "eval", "loftq", "merge", "generate", "chat", "report", "estimate"])
+@pytest.mark.parametrize(
+    "command", ["train", "check-data", "eval", "loftq", "merge", "generate", "chat", "report", "estimate"]
+)
 def test_each_command_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "usage: qlora-pipe" in result.stdout

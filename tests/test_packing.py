@@ -51,14 +51,18 @@ def test_packing_probe_passes_a_model_that_keeps_examples_apart(tiny_model):
 def test_training_refuses_packing_for_a_model_that_leaks(tiny_like, write_recipe, tmp_path):
     # BLOOM's ALiBi attention ignores position_ids: packed examples would attend to each other.
     base = tiny_like("recipes/seeds/bloomz-560m")
-    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "Tweet text : late again Label : complaint"}] * 8)
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"text": f"Tweet text : late again {i} Label : complaint"} for i in range(8)]
+    )
     recipe = load_recipe(write_recipe(base, train={"packing": True}, data={"train": str(data), "eval": None}))
     with pytest.raises(UserError, match="attends across packed examples"):
         build_trainer(recipe)
 
 
 def test_auto_packing_pads_a_leaking_model_and_packs_the_others(tiny_like, tiny_model, write_recipe, tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "Tweet text : late again Label : complaint"}] * 8)
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"text": f"Tweet text : late again {i} Label : complaint"} for i in range(8)]
+    )
     sections = {"train": {"packing": "auto"}, "data": {"train": str(data), "eval": None}}
     _, facts = build_trainer(load_recipe(write_recipe(tiny_like("recipes/seeds/bloomz-560m"), **sections)))
     assert facts["packing"] is False

@@ -291,11 +291,14 @@ def _check_values(recipe: Recipe) -> list[str]:
         )
         for key, value in paths.items()
     ]
-    problems = [f"{key}: {message}" for bad, key, message in checks if bad]
-    return problems + [f"{key}: must be a finite number, got {value}" for key, value in _floats(recipe)]
+    reported = {key for bad, key, _ in checks if bad}
+    checks += [
+        (key not in reported, key, f"must be a finite number, got {value}") for key, value in _non_finite(recipe)
+    ]
+    return [f"{key}: {message}" for bad, key, message in checks if bad]
 
 
-def _floats(recipe: Recipe) -> list[tuple[str, float]]:
+def _non_finite(recipe: Recipe) -> list[tuple[str, float]]:
     """The recipe's float values that are nan or infinite (YAML reads `.nan` and `.inf`); the range checks above
     cannot see a nan."""
     bad = []

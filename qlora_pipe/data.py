@@ -460,7 +460,7 @@ def check(prepared: PreparedData, tokenizer, cfg: DataConfig) -> CheckedData:
 MAX_LEAKED_SHARE = 0.02
 
 
-def _turns(example: dict) -> list[dict]:
+def _as_turns(example: dict) -> list[dict]:
     """An example as turns: chat rows as they are, plain prompt/completion/text rows as one user and one assistant
     turn."""
     if "messages" in example:
@@ -477,7 +477,7 @@ def content(ds: datasets.Dataset, tokenizer, max_len: int) -> dict:
     with a single turn longer than max_seq_length (no truncation can make those useful)."""
     empty, no_user, long_turns, seen, duplicates = [], [], [], set(), 0
     for i, example in enumerate(ds):
-        turns = _turns(example)
+        turns = _as_turns(example)
         if any(t["role"] == "assistant" and not (t["content"] or "").strip() for t in turns):
             empty.append(i)
         if "messages" in example and not any(t["role"] == "user" for t in turns):

@@ -449,7 +449,7 @@ def check(prepared: PreparedData, tokenizer, cfg: DataConfig) -> CheckedData:
         report[name] = check_split(len(ds), tokenized[name], kept, skipped, tokenizer, cfg.max_seq_length)
         report[name] |= content(ds, tokenizer, cfg.max_seq_length)
         fatal += fatal_problems(name, report[name], cfg, tokenizer)
-    fatal += check_leakage(prepared, report)
+    fatal += check_repeats(prepared, report)
     return CheckedData(tokenized, report, fatal)
 
 
@@ -473,18 +473,15 @@ def _as_turns(example: dict) -> list[dict]:
 
 
 def content(ds: datasets.Dataset, tokenizer, max_len: int) -> dict:
-    """Per split: examples with an empty reply, exact duplicates, conversations without a user turn, and examples
-    with a single turn longer than max_seq_length (no truncation can make those useful)."""
-    empty, no_user, long_turns, seen, duplicates = [], [], [], set(), 0
+    """Per split: examples with an empty reply, conversations without a user turn, and examples with a single turn
+    longer than max_seq_length (no truncation can make those useful)."""
+    empty, no_user, long_turns = [], [], []
     for i, example in enumerate(ds):
         turns = _as_turns(example)
         if any(t["role"] == "assistant" and not (t["content"] or "").strip() for t in turns):
             empty.append(i)
         if "messages" in example and not any(t["role"] == "user" for t in turns):
             no_user.append(i)
-        key = json.dumps(example, sort_keys=True)
-        duplicates += key in seen
-        seen.add(key)
         # a turn has at most one token per UTF-8 byte (plus the special tokens the tokenizer adds): only longer ones
         # can be over the limit, so only those are tokenized
         candidates = [t["content"] for t in turns if len((t["content"] or "").encode()) + 2 > max_len]
@@ -492,19 +489,22 @@ def content(ds: datasets.Dataset, tokenizer, max_len: int) -> dict:
             long_turns.append(i)
     return {
         "empty_replies": len(empty),
-        "duplicates": duplicates,
         "no_user_turn": len(no_user),
         "turns_longer_than_max_seq_length": len(long_turns),
         "content_rows": {"empty_replies": empty[:5], "no_user_turn": no_user[:5], "long_turns": long_turns[:5]},
     }
 
 
-def check_leakage(prepared: PreparedData, report: dict) -> list[str]:
-    """Eval examples that are also in the training data: counted in the eval report, fatal above MAX_LEAKED_SHARE."""
+def check_repeats(prepared: PreparedData, report: dict) -> list[str]:
+    """Exact duplicates within each split, and eval examples that are also in the training data: counted in the
+    report, leakage fatal above MAX_LEAKED_SHARE."""
+    keys = {name: [json.dumps(row, sort_keys=True) for row in ds] for name, ds in prepared.splits().items()}
+    for name, split in keys.items():
+        report[name]["duplicates"] = len(split) - len(set(split))
     if prepared.eval is None:
         return []
-    train = {json.dumps(example, sort_keys=True) for example in prepared.train}
-    leaked = sum(json.dumps(example, sort_keys=True) in train for example in prepared.eval)
+    train = set(keys["train"])
+    leaked = sum(key in train for key in keys["eval"])
     report["eval"]["also_in_train"] = leaked
     share = leaked / max(len(prepared.eval), 1)
     if share <= MAX_LEAKED_SHARE:
@@ -584,9 +584,7 @@ def check_classification(prepared: PreparedData, tokenizer, cfg: DataConfig) -> 
             batched=True,
             remove_columns=["text"],
         )
-    for name, ds in prepared.splits().items():
-        report[name]["duplicates"] = len(ds) - len({json.dumps(row, sort_keys=True) for row in ds})
-    fatal += check_leakage(prepared, report)
+    fatal += check_repeats(prepared, report)
     return CheckedData(tokenized, report, fatal)
 
 

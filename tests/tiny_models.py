@@ -111,6 +111,20 @@ def build_tokenizer(lines: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
+def random_llama(out: Path, config: dict, device: str = "cpu") -> None:
+    """A random Llama of the given config fields (hidden_size, num_hidden_layers, vocab_size, ...) in bf16, seeded,
+    built on `device`, with the demo's tokenizer: the shapes the memory and speed benchmarks measure."""
+    tokenizer = build_tokenizer(corpus_lines(DEFAULT_CORPUS), 512)
+    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model("llama", tie_word_embeddings=False, **config, **ids), dtype=torch.bfloat16
+        )
+    net.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def build(
     out_dir: str | Path,
     arch: str = "llama",

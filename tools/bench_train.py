@@ -137,21 +137,10 @@ def make_data(path: Path, examples: int, seq: int, seed: int = 0, completion_sha
 
 
 def make_model(out: Path, shape: dict) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builder
-    from tiny_models import build_tokenizer, corpus_lines
+    from tiny_models import random_llama
 
-    tokenizer = build_tokenizer(corpus_lines(ROOT / "data" / "tiny" / "train.jsonl"), 512)
-    ids = {
-        f"{k}_token_id": tokenizer.convert_tokens_to_ids(t)
-        for k, t in (("bos", "<|bos|>"), ("eos", "<|im_end|>"), ("pad", "<|pad|>"))
-    }
-    config = AutoConfig.for_model("llama", max_position_embeddings=8192, tie_word_embeddings=False, **shape, **ids)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    random_llama(out, {"max_position_embeddings": 8192, **shape})
 
 
 def launch(stack: str, base: Path, data: Path, out: Path, args: dict) -> subprocess.CompletedProcess:

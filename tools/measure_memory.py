@@ -119,36 +119,25 @@ def build_base(work: Path, spec: dict) -> Path:
     """A random Llama-style base of the spec's shape in bf16 (built on the GPU when there is one), with the demo's
     tokenizer; cached by shape."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builder
-    from tiny_models import build_tokenizer, corpus_lines
+    from tiny_models import random_llama
 
     shape = {k: spec[k] for k in ("hidden", "intermediate", "heads", "kv_heads", "vocab", "layers")}
     out = work / ("base-" + hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10])
     if (out / "config.json").exists():
         return out
-    tokenizer = build_tokenizer(corpus_lines(ROOT / "data" / "tiny" / "train.jsonl"), 512)
-    config = AutoConfig.for_model(
-        "llama",
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["intermediate"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
-        num_hidden_layers=shape["layers"],
-        vocab_size=shape["vocab"],
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        net = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     partial = out.with_name(out.name + ".partial")
-    net.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    config = {
+        "hidden_size": shape["hidden"],
+        "intermediate_size": shape["intermediate"],
+        "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["kv_heads"],
+        "num_hidden_layers": shape["layers"],
+        "vocab_size": shape["vocab"],
+        "max_position_embeddings": 131072,
+    }
+    random_llama(partial, config, "cuda" if torch.cuda.is_available() else "cpu")
     partial.rename(out)
     return out
 

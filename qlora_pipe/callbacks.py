@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_pipe import UserError
-from qlora_pipe.run import RunState
+from qlora_pipe.run import RunState, any_rank
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,10 @@ class StopControl(TrainerCallback):
         control.should_save, control.should_evaluate, control.should_training_stop = False, False, True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not torch.stack([p.detach().isfinite().all() for p in self.params]).all():
+        # Several ranks decide together: a rank that stopped alone would leave the others waiting in the next step.
+        if any_rank(not torch.stack([p.detach().isfinite().all() for p in self.params]).all()):
             self._diverge(state, control)
-        elif self.signal is not None:
+        elif any_rank(self.signal is not None):
             control.should_save, control.should_training_stop = True, True
 
     def on_log(self, args, state, control, logs=None, **kwargs):

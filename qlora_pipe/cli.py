@@ -33,7 +33,7 @@ from qlora_pipe.config import (
     recipe_to_dict,
 )
 from qlora_pipe.manifest import read_manifest
-from qlora_pipe.run import ADAPTER, LOFTQ_REPORT, MERGE_REPORT
+from qlora_pipe.run import ADAPTER, LOFTQ_REPORT, MERGE_REPORT, is_writer, rank, world_size
 
 LIBRARY_NOTICES = (
     r"`is_gradient_checkpointing` is deprecated",
@@ -68,6 +68,8 @@ def _train(args: argparse.Namespace) -> None:
     from qlora_pipe.train import train
 
     out = train(recipe, resume=args.resume)
+    if not is_writer():  # under torchrun/accelerate the summary is printed once, by rank 0
+        return
     metrics = read_manifest(out, "train")["metrics"]
     print(f"\nadapter: {out / ADAPTER}")
     if "train_loss_first" in metrics:
@@ -124,7 +126,7 @@ def _check_data(args: argparse.Namespace) -> None:
 
 
 def _estimate(args: argparse.Namespace) -> None:
-    from qlora_pipe.estimate import GIB, advice, data_step_shape, estimate, longest_sequence
+    from qlora_pipe.estimate import GIB, Ranks, advice, data_step_shape, estimate, longest_sequence
     from qlora_pipe.shards import parse_size
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -132,19 +134,31 @@ def _estimate(args: argparse.Namespace) -> None:
         limit = parse_size(args.gpu_mem)
     except ValueError as e:
         raise UserError(f"--gpu-mem: {e}") from None
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: give the number of processes (GPUs), 1 or more")
     if args.device == "cpu" and recipe.train.activation_offloading:
         raise UserError("train.activation_offloading needs CUDA: estimate with --device cuda, or set it to false")
     facts = Path(args.recipe).parent
-    estimates = [estimate(recipe, device=args.device, facts_dir=facts)]
     shape, why_not = data_step_shape(recipe)
-    if shape is not None:
-        estimates.append(estimate(recipe, device=args.device, facts_dir=facts, step=shape))
+    if args.nproc == 1:
+        columns = {"every row full length": estimate(recipe, device=args.device, facts_dir=facts)}
+        if shape is not None:
+            columns[shape.source] = estimate(recipe, device=args.device, facts_dir=facts, step=shape)
+    else:
+        columns = {
+            f"{strategy.upper()}, per rank": estimate(
+                recipe, device=args.device, facts_dir=facts, step=shape, ranks=Ranks(args.nproc, strategy)
+            )
+            for strategy in ("ddp", "fsdp")
+        }
+    estimates = list(columns.values())
+    t = recipe.train
+    ranks = f"{args.nproc} ranks (global batch {args.nproc * t.batch_size * t.grad_accumulation}), " * (args.nproc > 1)
     print(
-        f"{recipe.model.base}: peak memory of one training step on {args.device}, batch {recipe.train.batch_size}, "
+        f"{recipe.model.base}: peak memory of one training step on {args.device}, {ranks}batch {t.batch_size}, "
         f"max_seq_length {recipe.data.max_seq_length}"
     )
     unit, scale = ("GiB", GIB) if estimates[0].total >= GIB else ("MiB", 2**20)
-    columns = ["every row full length", *([shape.source] if shape else [])]
     print(f"  {'':<52}" + "".join(f"{c:>26}" for c in columns))
     for part in dict.fromkeys(k for est in estimates for k in est.parts):
         cells = [f"{est.parts[part] / scale:.2f} {unit}" if part in est.parts else "-" for est in estimates]
@@ -155,6 +169,11 @@ def _estimate(args: argparse.Namespace) -> None:
     if why_not:
         print(f"note: {why_not}")
     print(f"training FLOPs per token: {estimates[0].flops_per_token / 1e6:,.1f} MFLOP")
+    if args.nproc > 1:
+        fitting = [name for name, est in columns.items() if est.total <= limit]
+        verdict = f"fits in {limit / GIB:.1f} GiB per rank with " + " and ".join(n.split(",")[0] for n in fitting)
+        print(verdict if fitting else f"does not fit in {limit / GIB:.1f} GiB per rank with DDP or FSDP")
+        return
     offloading = {" without offloading": False, " with activation offloading": True} if args.device == "cuda" else {}
     for label, offload in (offloading or {"": False}).items():
         tokens = longest_sequence(recipe, device=args.device, limit=limit, facts_dir=facts, offloading=offload)
@@ -321,6 +340,12 @@ def parser() -> argparse.ArgumentParser:
     recipe_arguments(est)
     est.add_argument("--gpu-mem", default="24GiB", help="memory of the GPU to fit in (default 24GiB)")
     est.add_argument("--device", choices=TRAINING_DEVICES, default="cuda", help="where training will run")
+    est.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes (GPUs) training together: the memory of each rank under DDP and under FSDP (default 1)",
+    )
     est.set_defaults(func=_estimate)
 
     loftq = sub.add_parser(
@@ -449,10 +474,17 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries(sys.stderr.isatty())
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     args = parser().parse_args(argv)
+    # Under a launcher every rank reports its own error: on several nodes a missing file may be one node's alone.
+    who = f"qlora-pipe {args.command}" + (f" (rank {rank()})" if world_size() > 1 else "")
     try:
+        if world_size() > 1 and args.command != "train":
+            raise UserError(
+                f"only `train` runs on several ranks (WORLD_SIZE={world_size()}); run `qlora-pipe {args.command}` "
+                "as one process, without torchrun or accelerate launch"
+            )
         args.func(args)
     except UserError as e:
-        print(f"qlora-pipe {args.command}: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     return 0
 

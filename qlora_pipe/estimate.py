@@ -204,6 +204,31 @@ def data_step_shape(recipe: Recipe) -> tuple[StepShape | None, str | None]:
     return shape, None
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """Data-parallel ranks: `count` processes, each with a full copy of the base (`ddp`) or a shard of it (`fsdp`,
+    FSDP1 full sharding as recipes/accelerate/fsdp_qlora.yaml sets it up)."""
+
+    count: int
+    strategy: str = "ddp"
+
+    def per_rank(self, parts: dict[str, int], lora_grad_bytes: int, layers: int) -> dict[str, int]:
+        """One rank's share of the single-process `parts`. Activations are per rank either way."""
+        if self.strategy == "ddp":
+            # DDP's reducer keeps its own fp32 buckets of the gradients it all-reduces.
+            return parts | {"DDP gradient buckets (fp32)": lora_grad_bytes}
+        shared = {}
+        for name, size in parts.items():
+            # The base's linear weights and everything trained are sharded; the root unit (embeddings, LM head,
+            # final norm) stays gathered through the step, so it counts whole.
+            sharded = name.startswith(("base weights", "LoRA", "optimizer"))
+            shared[name] = -(-size // self.count) if sharded else size
+            if name.startswith("base weights"):
+                # FSDP gathers one decoder layer's weights to compute it and prefetches the next one.
+                shared["FSDP gathered layers (current and prefetched)"] = 2 * size // layers
+        return shared
+
+
 @dataclass
 class Estimate:
     """Predicted peak training memory, part by part (bytes), and the training FLOPs per token. `phases` holds the
@@ -239,10 +264,16 @@ def text_sizes(net: torch.nn.Module) -> tuple[int, int, int, int]:
 
 
 def predict(
-    net: torch.nn.Module, recipe: Recipe, device: str, compute_bytes: int, step: StepShape | None = None
+    net: torch.nn.Module,
+    recipe: Recipe,
+    device: str,
+    compute_bytes: int,
+    step: StepShape | None = None,
+    ranks: Ranks | None = None,
 ) -> Estimate:
     """The peak memory of one training step of `recipe` on `net` (a meta-device skeleton of the base), for the
-    micro-batch `step` (default: every row full length, every position trained)."""
+    micro-batch `step` (default: every row full length, every position trained), on each of `ranks` (default one
+    process)."""
     hidden, layers, mlp, vocab = text_sizes(net)
     step = step or worst_case(recipe)
     t, lo = recipe.train, recipe.lora
@@ -291,6 +322,8 @@ def predict(
     peak = max(phases, key=phases.get)
     name = "activations (layer recompute and backward)" if peak == "layers" else "LM head (fused loss tiles)"
     parts[name] = phases[peak]
+    if ranks and ranks.count > 1:
+        parts = ranks.per_rank(parts, lora * 4, layers)
     if device == "cuda":
         parts["CUDA workspaces (cuBLAS)"] = CUDA_WORKSPACES
         parts["CUDA context and allocator slack"] = CUDA_SLACK
@@ -323,10 +356,15 @@ def compute_bytes(recipe: Recipe, device: str) -> int:
 
 
 def estimate(
-    recipe: Recipe, *, device: str = "cuda", facts_dir: Path | None = None, step: StepShape | None = None
+    recipe: Recipe,
+    *,
+    device: str = "cuda",
+    facts_dir: Path | None = None,
+    step: StepShape | None = None,
+    ranks: Ranks | None = None,
 ) -> Estimate:
-    """Predicted peak memory of training `recipe` on `device`, from the base's config alone."""
-    return predict(skeleton_for(recipe, facts_dir), recipe, device, compute_bytes(recipe, device), step)
+    """Predicted peak memory of training `recipe` on `device` (on each of `ranks`), from the base's config alone."""
+    return predict(skeleton_for(recipe, facts_dir), recipe, device, compute_bytes(recipe, device), step, ranks)
 
 
 def advice(

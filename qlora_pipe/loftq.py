@@ -31,7 +31,7 @@ from qlora_pipe import UserError, model
 from qlora_pipe.config import Recipe, lora_scale, recipe_to_dict
 from qlora_pipe.manifest import MANIFEST, atomic_dir, fingerprint_weights, read_manifest, write_manifest
 from qlora_pipe.quant import dequantize_fp32, quantize_nf4
-from qlora_pipe.run import ADAPTER_INIT, BACKBONE, LOFTQ, LOFTQ_PARTIAL, LOFTQ_REPORT
+from qlora_pipe.run import ADAPTER_INIT, BACKBONE, LOFTQ, LOFTQ_PARTIAL, LOFTQ_REPORT, world_size
 from qlora_pipe.shards import OutTensor, ShardWriter, TensorRef, checkpoint_files, read_index, read_tensor
 
 logger = logging.getLogger(__name__)
@@ -286,6 +286,12 @@ def loftq_outputs(recipe: Recipe) -> tuple[Path, Path]:
     out = Path(recipe.output_dir) / LOFTQ
     wanted = settings(recipe, model.nf4_settings(model.resolve_compute_dtype(recipe.model.compute_dtype)))
     fresh = (out / MANIFEST).exists() and read_manifest(out, "loftq")["settings"] == json.loads(json.dumps(wanted))
+    if not fresh and world_size() > 1:
+        # LoftQ of a 7B base takes longer than a process group waits (10-30 min), and it needs one process's memory
+        raise UserError(
+            f"lora.init: loftq: {out} is {'stale' if (out / MANIFEST).exists() else 'missing'}; compute it once "
+            "with one process (`qlora-pipe loftq RECIPE`), then launch the ranks"
+        )
     if not fresh:
         run_loftq(recipe)
     return out / BACKBONE, out / ADAPTER_INIT

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import os
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -113,13 +114,29 @@ def bnb_config(compute_dtype: torch.dtype, classifier: bool = False) -> BitsAndB
         bnb_4bit_quant_type=NF4["quant_type"],
         bnb_4bit_use_double_quant=NF4["double_quant"],
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=getattr(torch, NF4["quant_storage"]),
+        bnb_4bit_quant_storage=quant_storage(compute_dtype),
     )
 
 
-def device_map() -> dict:
-    """One full copy of the model per process, on that process's device (DDP under accelerate, or a single GPU/CPU)."""
-    return {"": PartialState().device}
+def fsdp_version() -> int | None:
+    """1 or 2 when `accelerate launch` runs with an FSDP config (it sets these for every rank), else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true"):
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
+def quant_storage(compute_dtype: torch.dtype) -> torch.dtype:
+    """FSDP shards only floating tensors, one dtype per flattened unit: under FSDP the packed NF4 bytes are stored in
+    the compute dtype, like the layers around them (bitsandbytes' FSDP-QLoRA); elsewhere in uint8. The stored bytes,
+    and so the weights, are the same either way."""
+    return compute_dtype if fsdp_version() else getattr(torch, NF4["quant_storage"])
+
+
+def device_map() -> dict | None:
+    """One full copy of the model per process, on that process's device (DDP under accelerate, or a single GPU/CPU).
+    Under FSDP none: rank 0 reads the weights (cpu_ram_efficient_loading) and FSDP shards them onto every GPU."""
+    state = PartialState()  # under a launcher this sets up the process group, which FSDP loading needs first
+    return None if fsdp_version() else {"": state.device}
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):

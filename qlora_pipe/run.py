@@ -33,15 +33,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from qlora_pipe import UserError
 from qlora_pipe.config import Recipe, recipe_from_dict, recipe_to_dict
 from qlora_pipe.manifest import MANIFEST, read_manifest, write_json
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
@@ -69,6 +73,64 @@ RESUMABLE_CHANGES = (
     "train.loss_chunk_tokens",
     "train.tiled_mlp",
 )
+
+
+# ---- several ranks: one writer ---------------------------------------------------------------------------------
+# Under torchrun or `accelerate launch` every rank runs the same command. Rank 0 alone writes the run directory
+# (manifest, adapter, data check, logs, run state, removals; the Trainer's own should_save does the same for
+# checkpoints) and runs the stages whose output the run keeps (LoftQ); the others read only what it has finished.
+# A single process is rank 0 of one. The collectives go through accelerate, on the process group it set up.
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_writer() -> bool:
+    return rank() == 0
+
+
+def wait_for_writer() -> None:
+    """Every rank waits here until all have arrived: what the writer wrote before it is complete for the others."""
+    if world_size() > 1:
+        from accelerate import PartialState  # imports torch: this module stays light for the command line's parser
+
+        PartialState().wait_for_everyone()
+
+
+def on_writer(work: Callable[[], T]) -> T:
+    """Run `work` on the writer alone and give every rank its result, or raise its UserError on every rank, so that
+    a refusal stops all ranks at once with the same message instead of leaving them waiting for rank 0."""
+    if world_size() == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    outcome: list = [None]
+    if is_writer():
+        try:
+            outcome[0] = (True, work())
+        except UserError as e:
+            outcome[0] = (False, str(e))
+    broadcast_object_list(outcome, from_process=0)
+    done, value = outcome[0]
+    if not done:
+        raise UserError(value)
+    return value
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on some rank: decisions that every rank must take together (stop after this step)."""
+    if world_size() == 1:
+        return flag
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    return bool(reduce(torch.tensor([float(flag)], device=PartialState().device), reduction="sum").item())
 
 
 @dataclass(frozen=True)
@@ -151,17 +213,20 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    """transformers writes trainer_state.json after the weights, optimizer, scheduler and RNG states: a checkpoint
-    whose state file parses and names the checkpoint's own step was written whole."""
+    """rank 0 writes trainer_state.json after the weights, optimizer, scheduler and its RNG state, and every rank
+    writes its own RNG state (rng_state_RANK.pth when there are several): a checkpoint whose state file names its own
+    step and that holds the RNG state of every rank of its run was written whole."""
+    ranks = recorded_world_size(checkpoint.parent.parent)
+    rng_states = ["rng_state.pth"] if ranks == 1 else [f"rng_state_{i}.pth" for i in range(ranks)]
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    files = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
-    return (
-        state.get("global_step") == checkpoint_step(checkpoint)
-        and all((checkpoint / f).is_file() for f in files)
-        and any(checkpoint.glob("rng_state*.pth"))
+    # The adapter and optimizer state as one file each, or under FSDP as its sharded state (one folder).
+    written = [("adapter_model.safetensors", "pytorch_model_fsdp_0"), ("optimizer.pt", "optimizer_0")]
+    written += [("scheduler.pt",), *[(f,) for f in rng_states]]
+    return state.get("global_step") == checkpoint_step(checkpoint) and all(
+        any((checkpoint / name).exists() for name in names) for names in written
     )
 
 
@@ -170,7 +235,7 @@ def check_resume(resume: str) -> None:
     if resume not in ("auto", "never") and not is_complete(Path(resume)):
         raise UserError(
             f"--resume {resume}: not a complete trainer checkpoint (it needs trainer_state.json, "
-            "adapter_model.safetensors, optimizer.pt, scheduler.pt and rng_state*.pth)"
+            "adapter_model.safetensors, optimizer.pt, scheduler.pt and the RNG state of every rank)"
         )
 
 
@@ -180,7 +245,7 @@ def resume_point(out: Path, resume: str) -> Path | None:
     found = [p for p in (out / CHECKPOINTS).glob("checkpoint-*") if checkpoint_step(p) is not None]
     found.sort(key=checkpoint_step, reverse=True)
     if resume == "never":
-        if found:
+        if found and is_writer():
             logger.warning(
                 "--resume never: removing the %d existing checkpoint(s) in %s", len(found), out / CHECKPOINTS
             )
@@ -192,8 +257,9 @@ def resume_point(out: Path, resume: str) -> Path | None:
     for checkpoint in found:
         if is_complete(checkpoint):
             return checkpoint
-        logger.warning("skipping %s: it is incomplete (the run stopped while writing it); removing it", checkpoint)
-        shutil.rmtree(checkpoint)
+        if is_writer():
+            logger.warning("skipping %s: it is incomplete (the run stopped while writing it); removing it", checkpoint)
+            shutil.rmtree(checkpoint)
     return None
 
 
@@ -205,9 +271,11 @@ class RunState:
     recipe: dict
     metrics_before: dict
     seconds_at_step: dict[str, float]
+    world_size: int = 1
 
     def save(self, out: Path) -> None:
-        write_json(out / RUN_STATE, vars(self))
+        if is_writer():
+            write_json(out / RUN_STATE, vars(self))
 
     def seconds_at(self, step: int) -> float:
         return self.seconds_at_step.get(str(step), 0.0)
@@ -215,8 +283,9 @@ class RunState:
 
 def start_state(out: Path, recipe: Recipe) -> RunState:
     """A fresh run: no log yet, nothing measured."""
-    (out / TRAIN_LOG).unlink(missing_ok=True)
-    return RunState(recipe_to_dict(recipe), {}, {})
+    if is_writer():
+        (out / TRAIN_LOG).unlink(missing_ok=True)
+    return RunState(recipe_to_dict(recipe), {}, {}, world_size())
 
 
 def resumed_state(out: Path, recipe: Recipe, checkpoint: Path) -> RunState:
@@ -227,8 +296,31 @@ def resumed_state(out: Path, recipe: Recipe, checkpoint: Path) -> RunState:
     # Read through the recipe schema, so that keys added since the run started count at their defaults.
     started = recipe_to_dict(recipe_from_dict(raw["recipe"])) if "recipe" in raw else recipe_to_dict(recipe)
     check_same_recipe(started, recipe_to_dict(recipe), out)
-    keep_log_until(out / TRAIN_LOG, checkpoint_step(checkpoint))
-    return RunState(started, raw.get("metrics_before", {}), raw.get("seconds_at_step", {}))
+    check_same_world_size(raw.get("world_size", 1), recipe, out)
+    if is_writer():
+        keep_log_until(out / TRAIN_LOG, checkpoint_step(checkpoint))
+    return RunState(started, raw.get("metrics_before", {}), raw.get("seconds_at_step", {}), world_size())
+
+
+def recorded_world_size(out: Path) -> int:
+    """How many ranks trained the run in `out` (1 for a run without a run state)."""
+    path = out / RUN_STATE
+    return json.loads(path.read_text()).get("world_size", 1) if path.exists() else 1
+
+
+def check_same_world_size(started: int, recipe: Recipe, out: Path) -> None:
+    """A run resumes with the number of ranks it started with. Its data order, steps and RNG states are those of its
+    global batch (ranks x batch_size x grad_accumulation) and its per-rank RNG states; keeping the global batch with
+    another rank count would need another batch_size, which is a different recipe."""
+    now = world_size()
+    if now != started:
+        per_rank = recipe.train.batch_size * recipe.train.grad_accumulation
+        raise UserError(
+            f"{out} was trained by {started} rank(s) (global batch {started * per_rank} = {started} x batch_size "
+            f"{recipe.train.batch_size} x grad_accumulation {recipe.train.grad_accumulation}), and this run has "
+            f"{now}; resume it with {started} rank(s) (torchrun --nproc_per_node {started}, or accelerate launch "
+            f"--num_processes {started}), or start over with --resume never"
+        )
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

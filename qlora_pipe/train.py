@@ -45,9 +45,13 @@ from qlora_pipe.run import (
     check_output_dir,
     check_resume,
     checkpoint_step,
+    is_writer,
+    on_writer,
+    rank,
     resume_point,
     resumed_state,
     start_state,
+    wait_for_writer,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,6 +67,7 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
     check_resume(resume)
     trainer, facts = build_trainer(recipe)
     checkpoint = resume_point(out, resume)
+    wait_for_writer()  # the writer has removed what resume_point dropped before anyone trains
     if checkpoint:
         logger.info("resuming from %s (step %d)", checkpoint, checkpoint_step(checkpoint))
         state = resumed_state(out, recipe, checkpoint)
@@ -71,6 +76,7 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
         state, seconds = start_state(out, recipe), 0.0
         if trainer.eval_dataset is not None:
             state.metrics_before = eval_metrics(trainer, "before", recipe.train.label_accuracy)
+            undo_eval_preparation(trainer)
         state.save(out)
     clock = RunClock(out, state, seconds)
     stop = StopControl([p for p in trainer.model.parameters() if p.requires_grad])
@@ -97,13 +103,25 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
         "peak_step_memory_predicted_gib": round(predicted / GIB, 3) if predicted else None,
         "peak_step_memory_measured_gib": round(peak.peak / GIB, 3) if peak.peak else None,
     }
-    if trainer.is_world_process_zero():
-        with atomic_dir(out / ADAPTER) as tmp:
-            trainer.model.save_pretrained(tmp)
-            trainer.processing_class.save_pretrained(tmp)
+    save_adapter(trainer, out)
+    if is_writer():
         write_manifest(out, "train", recipe=recipe_to_dict(recipe), **facts, adapter=ADAPTER, metrics=metrics)
-    logger.info("adapter written to %s", out / ADAPTER)
+        logger.info("adapter written to %s", out / ADAPTER)
+    wait_for_writer()  # no rank returns before the run directory is complete
     return out
+
+
+def save_adapter(trainer, out: Path) -> None:
+    """OUTPUT_DIR/adapter: an ordinary PEFT adapter and the tokenizer, written by the writer. Under FSDP the adapter is
+    sharded across the ranks, and every rank takes part in gathering it whole first."""
+    state = None
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        state = trainer.accelerator.get_state_dict(trainer.model)
+    if is_writer():
+        with atomic_dir(out / ADAPTER) as tmp:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state)
+            trainer.processing_class.save_pretrained(tmp)
 
 
 def check_stopped(stop: StopControl, out: Path, step: int) -> None:
@@ -134,6 +152,19 @@ def eval_metrics(trainer, when: str, label_accuracy: bool) -> dict[str, float]:
     return {f"{k}_{when}": v for k, v in result.items()}
 
 
+def undo_eval_preparation(trainer) -> None:
+    """Let `trainer.train()` wrap the model for DDP after an evaluation before training.
+
+    transformers' `evaluate()` on an untrained Trainer prepares the model in accelerate's evaluation mode, which
+    marks it prepared; `train()` then skips the DistributedDataParallel wrap, and every rank trains alone with its
+    own gradients (seen with transformers 5.24 and accelerate 1.15: the ranks' losses part after two steps). FSDP and
+    DeepSpeed wrap at that first preparation already (the wrapped model is then not the bare one) and are left alone.
+    """
+    if trainer.args.world_size > 1 and trainer.model_wrapped is trainer.model:
+        trainer.model._is_accelerate_prepared = False
+        trainer.accelerator._models.clear()
+
+
 def _loss_summary(log_history: list[dict]) -> dict:
     losses = [r["loss"] for r in log_history if "loss" in r]
     return {"train_loss_first": losses[0], "train_loss_last": losses[-1]} if losses else {}
@@ -144,8 +175,10 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     the facts the manifest records."""
     out = Path(recipe.output_dir)
     check_output_dir(out)
+    wait_for_writer()  # every rank has looked at the output directory before the writer puts anything in it
     base = model.check_base(recipe.model.base, recipe.model.allow_pickle)
     device = local_device()
+    check_sharding(recipe, device)
     if recipe.train.activation_offloading and device != "cuda":
         raise UserError(
             "train.activation_offloading: needs a CUDA GPU (it moves activations from GPU memory to pinned CPU "
@@ -153,8 +186,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         )
     check_trackers(report_to(recipe.train.report_to))
     tokenizer, prepared, checked = data.prepare_data(recipe, base)
-    if checked.fatal:
-        raise UserError(data.refusal(checked))
+    check_data(out, prepared, checked)
     compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
     if recipe.lora.init == "loftq":
         backbone, adapter_init = loftq.loftq_outputs(recipe)
@@ -165,7 +197,6 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         recipe, base, compute_dtype, prepared.labels, tokenizer.pad_token_id, adapter_init
     )
     packing = choose_packing(recipe, peft_model, len(tokenizer))
-    out.mkdir(parents=True, exist_ok=True)
     common = dict(
         model=peft_model,
         args=training_args(recipe, out, compute_dtype, "eval" in checked.tokenized, packing),
@@ -187,7 +218,6 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     for param in peft_model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    (out / DATA_CHECK).write_text(json.dumps(checked.report, indent=2, ensure_ascii=False) + "\n")
     quantized = recipe.model.quantization == "nf4"
     facts = {
         "base": {
@@ -197,7 +227,11 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         },
         "quantization": {
             "method": recipe.model.quantization,
-            **(model.NF4 if quantized else {}),
+            **(
+                model.NF4 | {"quant_storage": str(model.quant_storage(compute_dtype)).removeprefix("torch.")}
+                if quantized
+                else {}
+            ),
             "load_dtype": str(compute_dtype).removeprefix("torch."),
             "compute_dtype": str(compute_dtype).removeprefix("torch."),
             "device_kind": device,
@@ -207,8 +241,62 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         "task": recipe.task,
         "labels": prepared.labels,
         "packing": packing,
+        "ranks": ranks_facts(trainer),
     }
     return trainer, facts
+
+
+def ranks_facts(trainer) -> dict:
+    """How many processes trained, how, and the batch each step averaged over."""
+    args = trainer.args
+    strategy = "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else "ddp"
+    return {
+        "world_size": args.world_size,
+        "strategy": strategy if args.world_size > 1 else "single process",
+        "per_rank_batch": args.per_device_train_batch_size,
+        "grad_accumulation": args.gradient_accumulation_steps,
+        "global_batch": args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps,
+    }
+
+
+def check_sharding(recipe: Recipe, device: str) -> None:
+    """FSDP-QLoRA runs as bitsandbytes and PEFT document it: FSDP1 on CUDA (recipes/accelerate/fsdp_qlora.yaml)."""
+    version = model.fsdp_version()
+    if version is None:
+        return
+    if device != "cuda":
+        raise UserError(
+            f"FSDP shards the model across GPUs and this run is on {device}; launch with "
+            "recipes/accelerate/ddp.yaml (one full copy per rank) instead"
+        )
+    if version == 2 and recipe.model.quantization == "nf4":
+        # accelerate#3983: FSDP2 with Params4bit crashes or trains silently wrong (loss 0, grad_norm nan); its fix,
+        # accelerate#3987, keeps the 4-bit weights out of the shards (no memory saved); axolotl#2992: FSDP2 gathers
+        # Params4bit into plain parameters that lose their quantization state.
+        raise UserError(
+            "FSDP2 with 4-bit weights is broken upstream (huggingface/accelerate#3983, #3987; "
+            "axolotl-ai-cloud/axolotl#2992): use FSDP1 (fsdp_version: 1, as recipes/accelerate/fsdp_qlora.yaml "
+            "sets it), or model.quantization: none"
+        )
+
+
+def check_data(out: Path, prepared: data.PreparedData, checked: data.CheckedData) -> None:
+    """The data check's verdict, given by the writer (which keeps its report) to every rank; each rank then makes
+    sure it read the same files (several nodes may hold separate copies)."""
+
+    def verdict() -> dict:
+        if checked.fatal:
+            raise UserError(data.refusal(checked))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DATA_CHECK).write_text(json.dumps(checked.report, indent=2, ensure_ascii=False) + "\n")
+        return prepared.facts()
+
+    read_by_writer = on_writer(verdict)
+    if prepared.facts() != read_by_writer:
+        raise UserError(
+            f"rank {rank()} read other data than rank 0 (rank 0: {read_by_writer}; rank {rank()}: "
+            f"{prepared.facts()}); give every node the same data files"
+        )
 
 
 def check_trackers(value: str | list[str]) -> None:
@@ -292,6 +380,7 @@ def training_args(
         gradient_accumulation_steps=t.grad_accumulation,
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
+        ddp_find_unused_parameters=False,  # every LoRA parameter is used in every step: no search for unused ones
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,

@@ -1,0 +1,265 @@
+"""Several ranks through torchrun (gloo on the CPU, fp32): N ranks with batch b train the same model as one process
+with batch N*b, rank 0 alone writes, a user error on any rank stops all of them with exit status 2, a killed rank's run
+resumes to the same adapter, SIGTERM checkpoints, and a resume with another number of ranks is refused. FSDP-QLoRA
+needs CUDA GPUs: its test skips elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_pipe import UserError, model
+from qlora_pipe import train as train_stage
+from qlora_pipe.config import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+
+# `python -m qlora_pipe train` on each rank, killed with SIGKILL (rank 1, end of step AT) or the launcher sent SIGTERM
+# (by rank 0, end of step AT: torchrun forwards it to every rank).
+INTERRUPT = """
+import os, signal, sys
+from transformers import TrainerCallback
+from qlora_pipe import cli, train
+how, at = sys.argv[1], int(sys.argv[2])
+class Interrupt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == at and how == "kill" and os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if state.global_step == at and how == "term" and os.environ["RANK"] == "0":
+            os.kill(os.getppid(), signal.SIGTERM)
+build = train.build_trainer
+def build_with_interrupt(recipe):
+    trainer, facts = build(recipe)
+    trainer.add_callback(Interrupt())
+    return trainer, facts
+train.build_trainer = build_with_interrupt
+sys.exit(cli.main(["train", *sys.argv[3:]]))
+"""
+
+
+def launch(nproc: int, *args: str, script: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """torchrun with `nproc` ranks, each running `python -m qlora_pipe ARGS` (or the script `script` with ARGS)."""
+    target = ["-m", "qlora_pipe"] if script is None else [script]
+    return subprocess.run(
+        [*TORCHRUN, str(nproc), *target, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def logits(run: Path) -> torch.Tensor:
+    net, tokenizer, _ = model.load_for_inference(run)
+    ids = tokenizer(["Classify: the service was slow", "Classify: great value, would buy again"], padding=True)
+    with torch.no_grad():
+        return net(input_ids=torch.tensor(ids["input_ids"]), attention_mask=torch.tensor(ids["attention_mask"])).logits
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture
+def two_rank_recipe(write_recipe, tiny_model, tmp_path):
+    """recipe(name, **train) -> a recipe writing to tmp_path/name: 6 steps of batch 4, fp32."""
+
+    def recipe(name: str, **train) -> Path:
+        path = write_recipe(tiny_model("llama"), train={"max_steps": 6, **train}, output_dir=str(tmp_path / name))
+        return path.rename(tmp_path / f"{name}.yaml")
+
+    return recipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packing", [True, False])
+def test_two_ranks_train_the_same_model_as_one_process_with_twice_the_batch(packing, two_rank_recipe, tmp_path):
+    one = train_stage.train(load_recipe(two_rank_recipe("one", packing=packing)))
+    result = launch(2, "train", str(two_rank_recipe("two", packing=packing)), "train.batch_size=2")
+    assert result.returncode == 0, result.stderr
+    two = tmp_path / "two"
+
+    ours, theirs = losses(two), losses(one)
+    assert sorted(ours) == list(range(1, 7))
+    for step, loss in theirs.items():
+        assert abs(ours[step] - loss) <= 1e-4 * abs(loss), (step, ours[step], loss)
+    assert relative(logits(two), logits(one)) < 5e-3
+
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["ranks"] == {
+        "world_size": 2,
+        "strategy": "ddp",
+        "per_rank_batch": 2,
+        "grad_accumulation": 1,
+        "global_batch": 4,
+    }
+    assert json.loads((one / "manifest.json").read_text())["ranks"]["global_batch"] == 4
+    assert manifest["packing"] is packing
+    # tokens are counted over every rank: the same as one process saw
+    assert (
+        manifest["metrics"]["tokens_seen"] == json.loads((one / "manifest.json").read_text())["metrics"]["tokens_seen"]
+    )
+    # one summary, printed by rank 0
+    assert result.stdout.count("next: qlora-pipe merge") == 1
+
+
+@pytest.mark.slow
+def test_a_user_error_on_two_ranks_stops_both_with_exit_2(two_rank_recipe, tmp_path):
+    empty_replies = tmp_path / "empty.jsonl"
+    empty_replies.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": ""}]})
+            + "\n"
+            for i in range(20)
+        )
+    )
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    cases = {
+        "the data check refuses": (f"data.train={empty_replies}", "data.eval=null", "the data check failed"),
+        "the base is no model": (f"model.base={not_a_model}", f"model.base: {not_a_model}"),
+    }
+    for case, (*overrides, message) in cases.items():
+        start = time.monotonic()
+        result = launch(2, "train", str(two_rank_recipe(case.replace(" ", "_"))), *overrides, timeout=300)
+        assert result.returncode != 0, case
+        assert time.monotonic() - start < 120, f"{case}: the ranks took too long to stop"
+        # each rank exits with 2 and prints the message; the one traceback is the launcher's ChildFailedError
+        assert result.stderr.count("exitcode  : 2") == 2, (case, result.stderr[-3000:])
+        for rank in (0, 1):
+            assert f"qlora-pipe train (rank {rank}): error: {message}" in result.stderr, (case, result.stderr)
+        assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr, case
+    assert not (tmp_path / "the_data_check_refuses" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_rank_resumes_to_the_uninterrupted_adapter_and_sigterm_checkpoints(two_rank_recipe, tmp_path):
+    overrides = ("train.batch_size=2", "train.save_steps=2", "train.save_total_limit=10", "lora.dropout=0.1")
+    reference = launch(2, "train", str(two_rank_recipe("reference")), *overrides)
+    assert reference.returncode == 0, reference.stderr
+    recipe, run = str(two_rank_recipe("resumed")), tmp_path / "resumed"
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPT)
+
+    killed = launch(2, "kill", "3", recipe, *overrides, script=str(script))
+    assert killed.returncode != 0 and (run / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (run / "manifest.json").exists()
+
+    termed = launch(2, "term", "4", recipe, *overrides, script=str(script))  # resumes from 2, stops after 4 or 5
+    assert "resuming from" in termed.stderr and "checkpoint-2 (step 2)" in termed.stderr
+    for rank in (0, 1):
+        assert f"(rank {rank}): error: SIGTERM: stopped at step" in termed.stderr, termed.stderr
+    newest = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
+    assert newest >= 4 and (run / "checkpoints" / f"checkpoint-{newest}" / "rng_state_1.pth").is_file()
+
+    final = launch(2, "train", recipe, *overrides)
+    assert final.returncode == 0, final.stderr
+    assert f"checkpoint-{newest} (step {newest})" in final.stderr
+    assert losses(run).keys() == losses(tmp_path / "reference").keys()
+    ours, theirs = adapter(run), adapter(tmp_path / "reference")
+    assert ours.keys() == theirs.keys()
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-6
+
+    # Resuming with another number of ranks is refused, naming both numbers.
+    (run / "manifest.json").unlink()
+    one_rank = subprocess.run(
+        [sys.executable, "-m", "qlora_pipe", "train", recipe, *overrides, "train.max_steps=8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one_rank.returncode == 2, one_rank.stderr
+    assert "was trained by 2 rank(s)" in one_rank.stderr and "this run has 1" in one_rank.stderr
+
+
+def test_only_train_runs_on_several_ranks(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "qlora_pipe", "report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"WORLD_SIZE": "2", "RANK": "1"},
+    )
+    assert result.returncode == 2
+    assert "qlora-pipe report (rank 1): error: only `train` runs on several ranks" in result.stderr
+
+
+def test_fsdp2_with_4bit_weights_and_fsdp_on_the_cpu_are_refused(monkeypatch, write_recipe, tiny_model):
+    recipe = load_recipe(write_recipe(tiny_model("llama")))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(UserError, match=r"FSDP2 with 4-bit weights is broken upstream"):
+        train_stage.check_sharding(recipe, "cuda")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    train_stage.check_sharding(recipe, "cuda")
+    with pytest.raises(UserError, match=r"recipes/accelerate/ddp.yaml"):
+        train_stage.check_sharding(recipe, "cpu")
+    assert model.quant_storage(torch.bfloat16) == torch.bfloat16  # FSDP shards floating storage only
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert model.quant_storage(torch.bfloat16) == torch.uint8
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP-QLoRA needs two CUDA GPUs")
+def test_fsdp_qlora_adapter_merges_exactly(two_rank_recipe, tmp_path):
+    recipe = two_rank_recipe("fsdp", batch_size=2)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "recipes" / "accelerate" / "fsdp_qlora.yaml"),
+            "-m",
+            "qlora_pipe",
+            "train",
+            str(recipe),
+            "model.compute_dtype=bfloat16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "fsdp"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["ranks"]["strategy"] == "fsdp" and manifest["quantization"]["quant_storage"] == "bfloat16"
+    merged = subprocess.run(
+        [sys.executable, "-m", "qlora_pipe", "merge", str(run), "--dtype", "float32"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert merged.returncode == 0, merged.stderr
+    report = json.loads((run / "merged" / "merge_report.json").read_text())
+    assert report["modes"]["dequantized"]["relative_error"] <= 1e-5, report
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_ddp_config_runs_two_ranks(two_rank_recipe, tmp_path):
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "accelerate.commands.launch"),
+            *("--config_file", str(ROOT / "recipes" / "accelerate" / "ddp.yaml")),
+            *("-m", "qlora_pipe", "train", str(two_rank_recipe("accelerate")), "train.max_steps=2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "accelerate" / "manifest.json").read_text())["ranks"]["world_size"] == 2

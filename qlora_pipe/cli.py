@@ -70,8 +70,14 @@ def _train(args: argparse.Namespace) -> None:
     out = train(recipe, resume=args.resume)
     if not is_writer():  # under torchrun/accelerate the summary is printed once, by rank 0
         return
-    metrics = read_manifest(out, "train")["metrics"]
+    manifest = read_manifest(out, "train")
+    metrics, ranks = manifest["metrics"], manifest["ranks"]
     print(f"\nadapter: {out / ADAPTER}")
+    if ranks["world_size"] > 1:
+        print(
+            f"{ranks['world_size']} ranks ({ranks['strategy']}), global batch {ranks['global_batch']}, "
+            f"{metrics['tokens_per_second']:.1f} tokens/s together"
+        )
     if "train_loss_first" in metrics:
         print(f"train loss {metrics['train_loss_first']:.4f} → {metrics['train_loss_last']:.4f}")
     if "eval_loss_before" in metrics:
@@ -259,8 +265,13 @@ def _report(args: argparse.Namespace) -> None:
     print(f"train loss     {show(s['train_loss_first'], '.4f')} → {show(s['train_loss_last'], '.4f')}")
     print(f"eval loss      {show(s['eval_loss_before'], '.4f')} → {show(s['eval_loss_after'], '.4f')}")
     print(f"learning rate  {show(s['learning_rate_last'], '.3g')} (last)")
-    print(f"throughput     {show(s['tokens_per_second'], '.1f')} tokens/s over {show(s['tokens_seen'], 'd')} tokens")
-    print(f"peak memory    {show(s['peak_memory_gib'], '.2f')} GiB ({s['peak_memory_of'] or '-'})")
+    ranks, per_rank = s["ranks"], s["tokens_per_second"] and s["tokens_per_second"] / s["ranks"]
+    print(
+        f"throughput     {show(s['tokens_per_second'], '.1f')} tokens/s over {show(s['tokens_seen'], 'd')} tokens"
+        + (f", all {ranks} ranks together ({show(per_rank, '.1f')} per rank)" if ranks > 1 else "")
+    )
+    of = f"{s['peak_memory_of'] or '-'}{', rank 0' if ranks > 1 else ''}"
+    print(f"peak memory    {show(s['peak_memory_gib'], '.2f')} GiB ({of})")
     print(f"time           {show(s['train_seconds'], '.1f')} s")
     print(f"loss curve     {curve}")
 

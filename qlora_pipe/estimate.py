@@ -480,7 +480,8 @@ def predicted_peak(recipe: Recipe, trainer) -> int | None:
     with torch.device("meta"):
         skeleton = type(net)(net.config)
     step = step_shape(trainer.train_dataset, recipe, packed=trainer.args.packing)
-    est = predict(skeleton, recipe, device, compute_bytes(recipe, device), step)
+    ranks = Ranks(trainer.args.world_size, "fsdp" if trainer.is_fsdp_enabled else "ddp")
+    est = predict(skeleton, recipe, device, compute_bytes(recipe, device), step, ranks)
     parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.parts.items())
     logger.info(
         "predicted peak memory of a training step: %.2f GiB for %d tokens, %d of them labelled (%s)",

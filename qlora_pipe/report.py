@@ -10,11 +10,11 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from qlora_pipe import UserError
-from qlora_pipe.run import LOSS_CURVE, finished_metrics, read_log
+from qlora_pipe.run import LOSS_CURVE, finished_metrics, read_log, recorded_world_size
 
 
 def summary(run: Path) -> dict:
-    """Steps, losses, learning rate, throughput, peak memory and time of a run."""
+    """Steps, losses, learning rate, throughput (of all ranks together), peak memory and time of a run."""
     records = read_log(run)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -33,6 +33,7 @@ def summary(run: Path) -> dict:
             for k in ("tokens_seen", "tokens_per_second", "peak_memory_gib", "peak_memory_of", "train_seconds")
         },
         "resumed_from": metrics.get("resumed_from"),
+        "ranks": recorded_world_size(run),  # tokens are counted over all of them; memory is rank 0's
     }
 
 

@@ -23,8 +23,11 @@ The train manifest's fields (manifest.py adds `stage`, `created` and `versions` 
     data            format, assistant_only_loss and where the train/eval rows came from (paths and sha256)
     task, labels    causal_lm or seq_cls, and the class names of a classifier (index = class id)
     packing         whether examples were packed
+    ranks           world_size, strategy (single process, ddp, fsdp, deepspeed), per_rank_batch, grad_accumulation
+                    and global_batch (= world_size x per_rank_batch x grad_accumulation: what one step averages over)
     adapter         the adapter folder, relative to the run
-    metrics         losses before/after, steps, time, tokens/s, peak memory (predicted and measured)
+    metrics         losses before/after, steps, time, tokens seen and tokens/s (of all ranks together), peak memory
+                    (predicted and measured, of rank 0)
 The LoftQ manifest holds recipe, base (path, weights_fingerprint), settings, device and summary; the merge manifest
 source_run, base, mode, dtype, quantized_on and report.
 """
@@ -266,7 +269,8 @@ def resume_point(out: Path, resume: str) -> Path | None:
 @dataclass
 class RunState:
     """OUTPUT_DIR/.run_state.json: what a resumed run needs that trainer checkpoints do not hold: the recipe it
-    started with, the eval metrics before training, and the wall time spent up to each checkpoint."""
+    started with, the eval metrics before training, the wall time spent up to each checkpoint, and the number of
+    ranks that train it."""
 
     recipe: dict
     metrics_before: dict

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import ROOT, write_jsonl
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora_pipe.config import load_recipe
@@ -281,3 +281,29 @@ def test_estimate_command_prints_the_data_beside_the_worst_case_and_the_longest_
     out = capsys.readouterr().out
     assert "at batch 1 without offloading" in out and "at batch 1 with activation offloading" in out
     assert "does not fit in 0.0 GiB" in out
+
+
+def test_estimate_per_rank_under_ddp_and_fsdp(capsys):
+    from qlora_pipe import cli
+    from qlora_pipe.estimate import Ranks, estimate
+
+    path = ROOT / "recipes" / "llama-3.1-8b" / "qlora_sft.yaml"
+    recipe, facts = load_recipe(path), path.parent
+    one = estimate(recipe, facts_dir=facts)
+    ddp = estimate(recipe, facts_dir=facts, ranks=Ranks(4, "ddp"))
+    fsdp = estimate(recipe, facts_dir=facts, ranks=Ranks(4, "fsdp"))
+    # DDP: a full copy per rank, plus the reducer's buckets of the LoRA gradients
+    assert ddp.total - one.total == ddp.parts["DDP gradient buckets (fp32)"] == one.parts["LoRA gradients (fp32)"]
+    # FSDP: a quarter of the base and of everything trained, plus two gathered decoder layers; activations unchanged
+    base = one.parts["base weights (NF4)"]
+    assert fsdp.parts["base weights (NF4)"] == -(-base // 4)
+    assert fsdp.parts["FSDP gathered layers (current and prefetched)"] == 2 * base // 32
+    assert fsdp.parts["LoRA gradients (fp32)"] == -(-one.parts["LoRA gradients (fp32)"] // 4)
+    assert fsdp.phases == one.phases and fsdp.total < one.total < ddp.total
+
+    assert cli.main(["estimate", str(path), "--nproc", "4", "--gpu-mem", "8GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "4 ranks (global batch 64)" in out and "DDP, per rank" in out and "FSDP, per rank" in out
+    assert "fits in 8.0 GiB per rank with FSDP" in out
+    assert cli.main(["estimate", str(path), "--nproc", "0"]) == 2
+    assert "--nproc 0: give the number of processes" in capsys.readouterr().err

@@ -105,6 +105,32 @@ def wait_for_writer() -> None:
         PartialState().wait_for_everyone()
 
 
+def check_launcher() -> None:
+    """`accelerate launch --num_processes N` starts one process when it finds no GPU and is not told --multi_gpu (its
+    simple launcher, which runs several only through MPI): refuse to train alone what was meant for N ranks."""
+    parent = Path(f"/proc/{os.getppid()}/cmdline")  # the launcher that started this process
+    if world_size() > 1 or "ACCELERATE_USE_CPU" not in os.environ or not parent.exists():
+        return
+    argv = parent.read_bytes().decode(errors="replace").split("\0")
+    # `accelerate launch`, `accelerate-launch` or `python -m accelerate.commands.launch`
+    at = [i for i, a in enumerate(argv) if a == "launch" or a.endswith(("accelerate-launch", "commands.launch"))]
+    if not at:
+        return
+    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser  # accelerate's own reading of its command line
+
+    args, _ = launch_command_parser().parse_known_args(argv[at[0] + 1 :])
+    asked = args.num_processes
+    if asked is None and (args.config_file or Path(default_config_file).is_file()):
+        asked = load_config_from_file(args.config_file).num_processes
+    if (asked or 1) > 1 and not args.mpirun_hostfile:
+        raise UserError(
+            f"accelerate launch started 1 process for --num_processes {asked}: without a GPU it starts several only "
+            "with --multi_gpu and without --cpu (gloo on CPUs), or through MPI; launch with those flags, or use "
+            f"torchrun --nproc_per_node {asked} -m qlora_pipe train RECIPE"
+        )
+
+
 def on_writer(work: Callable[[], T]) -> T:
     """Run `work` on the writer alone and give every rank its result, or raise its UserError on every rank, so that
     a refusal stops all ranks at once with the same message instead of leaving them waiting for rank 0."""

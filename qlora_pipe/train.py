@@ -42,6 +42,7 @@ from qlora_pipe.run import (
     CHECKPOINTS,
     DATA_CHECK,
     TRAIN_LOG,
+    check_launcher,
     check_output_dir,
     check_resume,
     checkpoint_step,
@@ -174,6 +175,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     """Everything up to `trainer.train()`: checks, tokenizer, data, NF4 model, LoRA, trainer. Returns the trainer and
     the facts the manifest records."""
     out = Path(recipe.output_dir)
+    check_launcher()
     check_output_dir(out)
     wait_for_writer()  # every rank has looked at the output directory before the writer puts anything in it
     base = model.check_base(recipe.model.base, recipe.model.allow_pickle)

@@ -271,3 +271,20 @@ def test_accelerate_launch_with_the_ddp_config_runs_two_ranks(two_rank_recipe, t
     )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "accelerate" / "manifest.json").read_text())["ranks"]["world_size"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="accelerate starts one process per GPU where there are GPUs")
+def test_accelerate_launch_that_would_start_one_process_for_two_is_refused(write_recipe, tiny_model):
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"),
+            *("-m", "qlora_pipe", "train", str(write_recipe(tiny_model("llama")))),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert "qlora-pipe train: error: accelerate launch started 1 process for --num_processes 2" in result.stderr
+    assert "torchrun --nproc_per_node 2 -m qlora_pipe train RECIPE" in result.stderr

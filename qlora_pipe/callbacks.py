@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_pipe import UserError
-from qlora_pipe.run import RunState, any_rank
+from qlora_pipe.run import RunState, any_rank, is_writer
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,8 @@ class RunClock(TrainerCallback):
         return time.monotonic() - self.start
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.state.seconds_at_step[str(state.global_step)] = round(self.seconds(), 2)
-            self.state.save(self.out)
+        self.state.seconds_at_step[str(state.global_step)] = round(self.seconds(), 2)
+        self.state.save(self.out)  # written by the writer alone
 
 
 class LossLog(TrainerCallback):
@@ -94,6 +93,6 @@ class LossLog(TrainerCallback):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
+        if is_writer() and logs:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")

@@ -417,6 +417,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if isinstance(raw, dict) and "distributed_type" in raw and "model" not in raw:
+        raise UserError(
+            f"{path} is an accelerate config, not a recipe: launch with it, as in `accelerate launch --config_file "
+            f"{path} -m qlora_pipe train RECIPE`"
+        )
     for override in overrides:
         _set_override(raw, override)
     errors: list[str] = []

@@ -437,8 +437,9 @@ class CheckedData:
     fatal: list[str]
 
 
-def check(prepared: PreparedData, tokenizer, cfg: DataConfig) -> CheckedData:
-    """Tokenize every split as TRL does and check it: what `qlora-pipe check-data` prints and `train` enforces."""
+def check(prepared: PreparedData, tokenizer, cfg: DataConfig, checks: bool = True) -> CheckedData:
+    """Tokenize every split as TRL does and check it: what `qlora-pipe check-data` prints and `train` enforces.
+    Without `checks`, only tokenize (the ranks other than the one that checks)."""
     tokenized, report, fatal = {}, {}, []
     for name, ds in prepared.splits().items():
         has_turn = [has_assistant_turn(ex) for ex in ds]
@@ -446,10 +447,12 @@ def check(prepared: PreparedData, tokenizer, cfg: DataConfig) -> CheckedData:
         skipped = [i for i, ok in enumerate(has_turn) if not ok]
         usable = ds.select(kept) if skipped else ds
         tokenized[name] = tokenize(usable, tokenizer, prepared.assistant_only_loss, name) if len(usable) else usable
+        if not checks:
+            continue
         report[name] = check_split(len(ds), tokenized[name], kept, skipped, tokenizer, cfg.max_seq_length)
         report[name] |= content(ds, tokenizer, cfg.max_seq_length)
         fatal += fatal_problems(name, report[name], cfg, tokenizer)
-    fatal += check_repeats(prepared, report)
+    fatal += check_repeats(prepared, report) if checks else []
     return CheckedData(tokenized, report, fatal)
 
 
@@ -591,16 +594,16 @@ def check_classification(prepared: PreparedData, tokenizer, cfg: DataConfig) -> 
 # ---- the data check, as `qlora-pipe check-data` reports it and `train` enforces it ------------------------------
 
 
-def prepare_data(recipe: Recipe, base: str) -> tuple[object, PreparedData, CheckedData]:
-    """Tokenizer (with the recipe's chat template, eos and pad), data, and the data check, before any model is
-    loaded."""
+def prepare_data(recipe: Recipe, base: str, *, checks: bool = True) -> tuple[object, PreparedData, CheckedData]:
+    """Tokenizer (with the recipe's chat template, eos and pad), data, and the data check (unless `checks` is off),
+    before any model is loaded."""
     tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
     prepare_tokenizer(tokenizer, recipe.data)
     if recipe.task == "seq_cls":
         prepared = load_classification(recipe.data, recipe.train.seed)
         return tokenizer, prepared, check_classification(prepared, tokenizer, recipe.data)
     prepared = load_data(recipe.data, tokenizer, recipe.train.seed)
-    return tokenizer, prepared, check(prepared, tokenizer, recipe.data)
+    return tokenizer, prepared, check(prepared, tokenizer, recipe.data, checks)
 
 
 def refusal(checked: CheckedData) -> str:

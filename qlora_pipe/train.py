@@ -87,6 +87,7 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
     predicted = predicted_peak(recipe, trainer)
     with graceful_stop(stop):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    wait_for_writer()  # every rank has written its part of the last checkpoint before anyone judges it complete
     check_stopped(stop, out, trainer.state.global_step)
     metrics = dict(state.metrics_before)
     if trainer.eval_dataset is not None:
@@ -187,7 +188,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
             "memory; on the CPU they are in host memory already); set it to false"
         )
     check_trackers(report_to(recipe.train.report_to))
-    tokenizer, prepared, checked = data.prepare_data(recipe, base)
+    tokenizer, prepared, checked = data.prepare_data(recipe, base, checks=is_writer())
     check_data(out, prepared, checked)
     compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
     if recipe.lora.init == "loftq":
@@ -283,8 +284,8 @@ def check_sharding(recipe: Recipe, device: str) -> None:
 
 
 def check_data(out: Path, prepared: data.PreparedData, checked: data.CheckedData) -> None:
-    """The data check's verdict, given by the writer (which keeps its report) to every rank; each rank then makes
-    sure it read the same files (several nodes may hold separate copies)."""
+    """The data check runs on the writer (which keeps its report; the other ranks only tokenize), and its verdict
+    reaches every rank; each rank then makes sure it read the same files (several nodes may hold separate copies)."""
 
     def verdict() -> dict:
         if checked.fatal:

@@ -146,10 +146,10 @@ def test_a_user_error_on_two_ranks_stops_both_with_exit_2(two_rank_recipe, tmp_p
         result = launch(2, "train", str(two_rank_recipe(case.replace(" ", "_"))), *overrides, timeout=300)
         assert result.returncode != 0, case
         assert time.monotonic() - start < 120, f"{case}: the ranks took too long to stop"
-        # each rank exits with 2 and prints the message; the one traceback is the launcher's ChildFailedError
-        assert result.stderr.count("exitcode  : 2") == 2, (case, result.stderr[-3000:])
-        for rank in (0, 1):
-            assert f"qlora-pipe train (rank {rank}): error: {message}" in result.stderr, (case, result.stderr)
+        # The first rank to fail exits with 2 and its message; the launcher then stops the other one (which exits
+        # with 2 too when it got there first, else by the launcher's SIGTERM). The one traceback is the launcher's.
+        assert "exitcode  : 2" in result.stderr.split("Root Cause")[1], (case, result.stderr[-3000:])
+        assert f"): error: {message}" in result.stderr, (case, result.stderr)
         assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr, case
     assert not (tmp_path / "the_data_check_refuses" / "manifest.json").exists()
 
@@ -220,6 +220,7 @@ def test_fsdp2_with_4bit_weights_and_fsdp_on_the_cpu_are_refused(monkeypatch, wr
     assert model.quant_storage(torch.bfloat16) == torch.uint8
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP-QLoRA needs two CUDA GPUs")
 def test_fsdp_qlora_adapter_merges_exactly(two_rank_recipe, tmp_path):
     recipe = two_rank_recipe("fsdp", batch_size=2)

@@ -21,7 +21,8 @@ from qlora_pipe.merge import merge
 from qlora_pipe.run import MERGE_REPORT
 from qlora_pipe.train import train
 
-RECIPES = sorted(ROOT.glob("recipes/**/*.yaml"))
+# recipes/accelerate/ holds launcher configs (tests/test_distributed.py uses them), not recipes.
+RECIPES = sorted(p for p in ROOT.glob("recipes/**/*.yaml") if p.parent.name != "accelerate")
 
 
 def facts_dir(path: Path, base: str) -> Path | None:

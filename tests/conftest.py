@@ -90,6 +90,18 @@ def write_recipe(tmp_path):
     return write
 
 
+# Lines of a script run as `qlora-pipe train` that add the callback `Interrupt` (the script defines it first) to the
+# trainer the train stage builds.
+WITH_INTERRUPT = """
+build = train.build_trainer
+def build_with_interrupt(recipe):
+    trainer, facts = build(recipe)
+    trainer.add_callback(Interrupt())
+    return trainer, facts
+train.build_trainer = build_with_interrupt
+"""
+
+
 def slow(*cases) -> list:
     """Parameter cases that run with the complete suite only (`pytest -m "not slow"` leaves them out): the rest of an
     architecture matrix whose first case stays in the fast tier."""

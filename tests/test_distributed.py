@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import WITH_INTERRUPT
 from safetensors.torch import load_file
 
 from qlora_pipe import UserError, cli, model
@@ -25,7 +26,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 # `python -m qlora_pipe train` on each rank, killed with SIGKILL (rank 1, end of step AT) or the launcher sent SIGTERM
 # (by rank 0, end of step AT: torchrun forwards it to every rank).
-INTERRUPT = """
+INTERRUPT = (
+    """
 import os, signal, sys
 from transformers import TrainerCallback
 from qlora_pipe import cli, train
@@ -36,14 +38,12 @@ class Interrupt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
         if state.global_step == at and how == "term" and os.environ["RANK"] == "0":
             os.kill(os.getppid(), signal.SIGTERM)
-build = train.build_trainer
-def build_with_interrupt(recipe):
-    trainer, facts = build(recipe)
-    trainer.add_callback(Interrupt())
-    return trainer, facts
-train.build_trainer = build_with_interrupt
+"""
+    + WITH_INTERRUPT
+    + """
 sys.exit(cli.main(["train", *sys.argv[3:]]))
 """
+)
 
 
 def launch(nproc: int, *args: str, script: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -52,6 +52,12 @@ def launch(nproc: int, *args: str, script: str | None = None, timeout: int = 600
     return subprocess.run(
         [*TORCHRUN, str(nproc), *target, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
+
+
+def accelerate_launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch ARGS -m qlora_pipe train ...` (ARGS: its flags, then the command)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -224,23 +230,9 @@ def test_fsdp2_with_4bit_weights_and_fsdp_on_the_cpu_are_refused(monkeypatch, wr
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP-QLoRA needs two CUDA GPUs")
 def test_fsdp_qlora_adapter_merges_exactly(two_rank_recipe, tmp_path):
     recipe = two_rank_recipe("fsdp", batch_size=2)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(ROOT / "recipes" / "accelerate" / "fsdp_qlora.yaml"),
-            "-m",
-            "qlora_pipe",
-            "train",
-            str(recipe),
-            "model.compute_dtype=bfloat16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
+    config = str(ROOT / "recipes" / "accelerate" / "fsdp_qlora.yaml")
+    result = accelerate_launch(
+        "--config_file", config, "-m", "qlora_pipe", "train", str(recipe), "model.compute_dtype=bfloat16", timeout=900
     )
     assert result.returncode == 0, result.stderr
     run = tmp_path / "fsdp"
@@ -259,33 +251,17 @@ def test_fsdp_qlora_adapter_merges_exactly(two_rank_recipe, tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch_with_the_ddp_config_runs_two_ranks(two_rank_recipe, tmp_path):
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "accelerate.commands.launch"),
-            *("--config_file", str(ROOT / "recipes" / "accelerate" / "ddp.yaml")),
-            *("-m", "qlora_pipe", "train", str(two_rank_recipe("accelerate")), "train.max_steps=2"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    config = str(ROOT / "recipes" / "accelerate" / "ddp.yaml")
+    recipe = str(two_rank_recipe("accelerate", max_steps=2))
+    result = accelerate_launch("--config_file", config, "-m", "qlora_pipe", "train", recipe)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "accelerate" / "manifest.json").read_text())["ranks"]["world_size"] == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="accelerate starts one process per GPU where there are GPUs")
 def test_accelerate_launch_that_would_start_one_process_for_two_is_refused(write_recipe, tiny_model):
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"),
-            *("-m", "qlora_pipe", "train", str(write_recipe(tiny_model("llama")))),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    recipe = str(write_recipe(tiny_model("llama")))
+    result = accelerate_launch("--cpu", "--num_processes", "2", "-m", "qlora_pipe", "train", recipe, timeout=300)
     assert result.returncode != 0
     assert "qlora-pipe train: error: accelerate launch started 1 process for --num_processes 2" in result.stderr
     assert "torchrun --nproc_per_node 2 -m qlora_pipe train RECIPE" in result.stderr

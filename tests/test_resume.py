@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import WITH_INTERRUPT
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -22,7 +23,8 @@ from qlora_pipe.config import load_recipe
 
 # Runs `qlora-pipe train` and interrupts it at a chosen step: SIGKILL at the end of the step, SIGKILL while the
 # checkpoint of the step is half written (weights saved, optimizer not yet), or SIGTERM at the end of the step.
-INTERRUPT = """
+INTERRUPT = (
+    """
 import os, signal, sys
 from transformers import Trainer, TrainerCallback
 from qlora_pipe import cli, train
@@ -32,12 +34,9 @@ class Interrupt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if how in ("kill", "term") and state.global_step == at:
             os.kill(os.getpid(), sig)
-build = train.build_trainer
-def build_with_interrupt(recipe):
-    trainer, facts = build(recipe)
-    trainer.add_callback(Interrupt())
-    return trainer, facts
-train.build_trainer = build_with_interrupt
+"""
+    + WITH_INTERRUPT
+    + """
 save = Trainer._save_optimizer_and_scheduler
 def save_then_die(self, output_dir):
     if how == "kill-in-save" and self.state.global_step == at:
@@ -46,6 +45,7 @@ def save_then_die(self, output_dir):
 Trainer._save_optimizer_and_scheduler = save_then_die
 sys.exit(cli.main(["train", *sys.argv[3:]]))
 """
+)
 
 STEPS = 12
 

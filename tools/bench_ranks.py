@@ -23,25 +23,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+import bench_train  # noqa: E402  (beside this script)
 from tiny_models import random_llama  # noqa: E402
 
+# bench_train's shapes, at 4 layers and a 32k vocabulary for the CPU: the layers, not the head, dominate a step
 SHAPES = {
-    "cpu": dict(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        num_hidden_layers=4,
-        vocab_size=32000,
-    ),
-    "quick": dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_hidden_layers=2,
-        vocab_size=4096,
-    ),
+    "cpu": bench_train.SHAPES["cpu"] | {"num_hidden_layers": 4, "vocab_size": 32000},
+    "quick": bench_train.SHAPES["quick"],
 }
 
 

@@ -32,16 +32,18 @@ class StopControl(TrainerCallback):
     """Stops training cleanly. After a SIGINT/SIGTERM: save a checkpoint at the end of the step, then stop. When the
     loss or the adapter weights become non-finite: stop at once and save nothing, so the last checkpoint stays good."""
 
-    def __init__(self, params: list[torch.Tensor]):
-        self.params, self.signal, self.diverged_at = params, None, None
+    def __init__(self):
+        self.signal, self.diverged_at = None, None
 
     def _diverge(self, state, control) -> None:
         self.diverged_at = self.diverged_at or state.global_step
         control.should_save, control.should_evaluate, control.should_training_stop = False, False, True
 
-    def on_step_end(self, args, state, control, **kwargs):
-        # Several ranks decide together: a rank that stopped alone would leave the others waiting in the next step.
-        if any_rank(not torch.stack([p.detach().isfinite().all() for p in self.params]).all()):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # The trained parameters as the model holds them now (under FSDP, this rank's shards of them). Several ranks
+        # decide together: a rank that stopped alone would leave the others waiting in the next step.
+        trained = [p.detach().isfinite().all() for p in model.parameters() if p.requires_grad]
+        if any_rank(not torch.stack(trained).all()):
             self._diverge(state, control)
         elif any_rank(self.signal is not None):
             control.should_save, control.should_training_stop = True, True

@@ -80,7 +80,7 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
             undo_eval_preparation(trainer)
         state.save(out)
     clock = RunClock(out, state, seconds)
-    stop = StopControl([p for p in trainer.model.parameters() if p.requires_grad])
+    stop = StopControl()
     peak = MeasurePeak(lambda: trainer.optimizer)
     for callback in (clock, stop, peak):
         trainer.add_callback(callback)

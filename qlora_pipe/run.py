@@ -80,9 +80,9 @@ RESUMABLE_CHANGES = (
 
 # ---- several ranks: one writer ---------------------------------------------------------------------------------
 # Under torchrun or `accelerate launch` every rank runs the same command. Rank 0 alone writes the run directory
-# (manifest, adapter, data check, logs, run state, removals; the Trainer's own should_save does the same for
-# checkpoints) and runs the stages whose output the run keeps (LoftQ); the others read only what it has finished.
-# A single process is rank 0 of one. The collectives go through accelerate, on the process group it set up.
+# (manifest, adapter, data check report, logs, run state, removals; the Trainer's own should_save does the same for
+# checkpoints) and runs the data check; the others read only what it has finished. A single process is rank 0 of
+# one. The collectives go through accelerate, on the process group it set up.
 
 
 def world_size() -> int:

@@ -314,7 +314,10 @@ def parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a LoRA adapter from a recipe",
-        description="Train an adapter: writes OUTPUT_DIR/adapter, manifest.json, checkpoints/ and a loss log.",
+        description="Train an adapter: writes OUTPUT_DIR/adapter, manifest.json, checkpoints/ and a loss log.\n"
+        "On several GPUs every rank runs it (README: More than one GPU):\n"
+        "  torchrun --nproc_per_node N -m qlora_pipe train RECIPE\n"
+        "  accelerate launch --config_file recipes/accelerate/ddp.yaml -m qlora_pipe train RECIPE",
         epilog=recipe_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

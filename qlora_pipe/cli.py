@@ -484,7 +484,9 @@ def exit_on_sigterm(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Under a launcher, rank 0 tells the story; the other ranks speak up only to warn.
+    level = logging.INFO if is_writer() else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries(sys.stderr.isatty())
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     args = parser().parse_args(argv)

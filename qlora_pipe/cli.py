@@ -276,6 +276,27 @@ def _report(args: argparse.Namespace) -> None:
     print(f"loss curve     {curve}")
 
 
+def _adapter_inspect(args: argparse.Namespace) -> None:
+    import json
+
+    from qlora_pipe.analysis import inspect
+    from qlora_pipe.run import ADAPTER_REPORT
+
+    out = inspect(args.path, compare=args.compare, out=args.out)
+    report = json.loads((out / ADAPTER_REPORT).read_text())
+    modules = report["modules"]
+    print(f"{report['adapter']}: {len(modules)} LoRA modules")
+    print(f"  {'module':<48}{'rank':>6}{'eff. rank 90%':>15}{'eff. rank 99%':>15}{'‖ΔW‖':>10}{'‖ΔW‖/‖W‖':>11}")
+    for name, m in modules.items():
+        relative = f"{m['relative_to_weight']:.2e}" if "relative_to_weight" in m else "-"
+        print(
+            f"  {name[-48:]:<48}{m['rank']:>6}{m['effective_rank_90']:>15}{m['effective_rank_99']:>15}"
+            f"{m['delta_norm']:>10.3g}{relative:>11}"
+        )
+    print(f"report and figures: {out}")
+    print(report["advice"])
+
+
 def _generate(args: argparse.Namespace) -> None:
     from qlora_pipe.generate import generate
 
@@ -434,6 +455,25 @@ def parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("run_dir", help="output directory of `qlora-pipe train`")
     rep.set_defaults(func=_report)
+
+    adapter = sub.add_parser(
+        "adapter",
+        help="analyse trained adapters",
+        description="Tools for trained LoRA adapters: a run, its adapter/ or any PEFT LoRA adapter directory.",
+    )
+    tools = adapter.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    inspect = tools.add_parser(
+        "inspect",
+        help="singular values, effective rank and subspace similarity of a LoRA update (the LoRA paper's analysis)",
+        description="Per LoRA module: the singular values of the update ΔW = s·B·A (from its r × r core, no d × d "
+        "SVD), its effective rank for 90 %% and 99 %% of its energy, ‖ΔW‖, and for a training run ‖ΔW‖/‖W‖ and the "
+        "amplification factor against the weight it was trained on. With --compare, the subspace similarity of the "
+        "two adapters' A matrices. Writes adapter_report.json and figures, and prints one line of advice on the rank.",
+    )
+    inspect.add_argument("path", help="training run, its adapter/ directory, or a PEFT LoRA adapter directory")
+    inspect.add_argument("--compare", metavar="OTHER", help="a second adapter (e.g. the same task at another rank)")
+    inspect.add_argument("--out", help="output directory (default RUN_DIR/adapter_analysis, or ADAPTER_analysis)")
+    inspect.set_defaults(func=_adapter_inspect)
 
     gen = sub.add_parser(
         "generate",

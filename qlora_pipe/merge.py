@@ -26,13 +26,13 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
 from qlora_pipe import UserError, data, model
-from qlora_pipe.config import MERGE_MODES, Recipe, lora_scale
+from qlora_pipe.adapters import Adapter, load_adapter
+from qlora_pipe.config import MERGE_MODES, Recipe
 from qlora_pipe.manifest import atomic_dir, fingerprint_weights, write_manifest
 from qlora_pipe.quant import dequantize_fp32, fused_merge_supported, merge_nf4_rows, nf4_layer, trained_weight_fp32
 from qlora_pipe.run import MERGE_REPORT, MERGED, Run, load_run
@@ -41,57 +41,7 @@ from qlora_pipe.shards import OutTensor, ShardWriter, TensorRef, checkpoint_file
 logger = logging.getLogger(__name__)
 
 REPORT_PROMPTS = 8
-PEFT_PREFIX = "base_model.model."
 LAYER_PROBE_ROWS = 8
-
-
-# ---------------------------------------------------------------------------------------------------- the adapter
-@dataclass
-class Adapter:
-    """A PEFT LoRA adapter as the merge needs it: per module A, B and the scale; whole tensors replacing the base's."""
-
-    scaling: float
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    embedding_modules: set[str] = field(default_factory=set)
-    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def delta(self, module: str, fan_in_fan_out: bool) -> torch.Tensor:
-        """PEFT's get_delta_weight: transpose(B @ A, fan_in_fan_out) × scaling (embeddings: always transposed)."""
-        a, b = self.lora[module]
-        product = b.float() @ a.float()
-        if fan_in_fan_out or module in self.embedding_modules:
-            product = product.T
-        return product.mul_(self.scaling)  # in place: the same values, one 7B-sized temporary fewer
-
-
-def load_adapter(adapter_dir: Path) -> Adapter:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    unsupported = [k for k in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern") if config.get(k)]
-    if unsupported:
-        raise UserError(f"{adapter_dir}: the merge does not support adapters with {', '.join(unsupported)}")
-    adapter = Adapter(lora_scale(config["r"], config["lora_alpha"], bool(config.get("use_rslora"))))
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
-        name = key.removeprefix(PEFT_PREFIX)
-        for marker, part in (
-            (".lora_A.weight", "A"),
-            (".lora_B.weight", "B"),
-            (".lora_embedding_A", "A"),
-            (".lora_embedding_B", "B"),
-        ):
-            if name.endswith(marker):
-                module = name[: -len(marker)]
-                parts.setdefault(module, {})[part] = tensor
-                if "embedding" in marker:
-                    adapter.embedding_modules.add(module)
-                break
-        else:
-            if "lora_" in name:
-                raise UserError(f"{adapter_dir}: unsupported adapter tensor {key}")
-            # modules_to_save and embedding layers PEFT saves whole: they replace the base's tensor
-            adapter.replaced[name.replace(".base_layer.", ".")] = tensor
-    adapter.lora = {module: (p["A"], p["B"]) for module, p in parts.items()}
-    return adapter
 
 
 # ------------------------------------------------------------------------------------------------ planning the merge

@@ -12,6 +12,8 @@ OUTPUT_DIR/
     loss_curve.png      `qlora-pipe report`
     loftq/              `qlora-pipe loftq` (lora.init: loftq): backbone/, adapter_init/, loftq_report.json, manifest
     merged/             `qlora-pipe merge`: the standalone model, merge_report.json, manifest
+    adapter_analysis/   `qlora-pipe adapter inspect`: adapter_report.json, spectra.png, effective_rank.png,
+                        similarity.png (with --compare), manifest
 
 The train manifest's fields (manifest.py adds `stage`, `created` and `versions` to every manifest):
     recipe          the resolved recipe, as `qlora-pipe train --print-config` prints it
@@ -63,6 +65,8 @@ ADAPTER_INIT = "adapter_init"
 LOFTQ_REPORT = "loftq_report.json"
 MERGED = "merged"
 MERGE_REPORT = "merge_report.json"
+ADAPTER_ANALYSIS = "adapter_analysis"
+ADAPTER_REPORT = "adapter_report.json"
 # A resumed run must be the run that was started: only its length, logging and memory-only settings may change.
 RESUMABLE_CHANGES = (
     "train.max_steps",

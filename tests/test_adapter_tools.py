@@ -1,0 +1,125 @@
+"""`qlora-pipe adapter inspect`: the spectrum of ΔW from its r × r core equals a full SVD's, the effective ranks,
+norms, amplification and subspace similarity equal their definitions computed directly, and the command reports a
+trained run against the weights it was trained on."""
+
+from __future__ import annotations
+
+import json
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qlora_pipe import cli, model
+from qlora_pipe.analysis import effective_rank, module_summary, similarity, spectrum
+from qlora_pipe.config import load_recipe
+from qlora_pipe.train import train
+
+SHAPES = [(16, 4, 24), (40, 8, 6), (5, 8, 30), (64, 16, 48)]  # (out, r, in): r above in or out too
+
+
+def low_rank(out: int, r: int, inp: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, inp, generator=g, dtype=torch.float64), torch.randn(out, r, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_spectrum_from_the_core_equals_a_full_svd(shape):
+    a, b = low_rank(*shape, seed=0)
+    found = spectrum(a, b, scale=0.5)
+    delta = 0.5 * b @ a
+    full = torch.linalg.svdvals(delta)
+    k = len(found.values)
+    assert k == min(shape)
+    torch.testing.assert_close(found.values, full[:k], rtol=1e-10, atol=1e-12)
+    assert all(float(x) < 1e-10 for x in full[k:])  # ΔW has no more directions than the core
+    torch.testing.assert_close(found.u @ torch.diag(found.values) @ found.v.T, delta, rtol=1e-10, atol=1e-10)
+    for share in (0.9, 0.99):
+        energy = full.square().cumsum(0) / full.square().sum()
+        assert effective_rank(found.values, share) == int((energy < share - 1e-12).sum()) + 1
+
+
+def test_effective_rank_of_a_known_spectrum():
+    values = torch.tensor([3.0, 1.0, 0.0, 0.0])  # energy 9 and 1: 90 % in the first direction, 100 % in two
+    assert effective_rank(values, 0.9) == 1 and effective_rank(values, 0.99) == 2
+    assert effective_rank(torch.zeros(4), 0.9) == 0
+
+
+def test_norms_and_amplification_equal_their_definitions():
+    out, r, inp = 32, 4, 24
+    a, b = low_rank(out, r, inp, seed=1)
+    weight = torch.randn(out, inp, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    summary = module_summary(spectrum(a, b, 2.0), r, weight)
+    delta = 2.0 * b @ a
+    u, _, vh = torch.linalg.svd(delta)
+    assert summary["delta_norm"] == pytest.approx(float(delta.norm()), rel=1e-12)
+    assert summary["relative_to_weight"] == pytest.approx(float(delta.norm() / weight.norm()), rel=1e-12)
+    projected = u[:, :r].T @ weight @ vh[:r].T
+    assert summary["amplification"] == pytest.approx(float(delta.norm() / projected.norm()), rel=1e-10)
+
+
+def test_subspace_similarity_equals_its_definition():
+    a8, _ = low_rank(1, 8, 40, seed=3)
+    a4 = a8[:4] + 0.1 * low_rank(1, 4, 40, seed=4)[0]
+    phi = similarity(a8, a4)
+    right8 = torch.linalg.svd(a8, full_matrices=False).Vh.T
+    right4 = torch.linalg.svd(a4, full_matrices=False).Vh.T
+    for i, j in ((1, 1), (3, 2), (8, 4), (5, 4)):
+        direct = (right8[:, :i].T @ right4[:, :j]).norm().square() / min(i, j)
+        assert float(phi[i - 1, j - 1]) == pytest.approx(float(direct), rel=1e-10)
+    assert phi.shape == (8, 4) and float(phi.min()) >= 0 and float(phi.max()) <= 1 + 1e-12
+    itself = similarity(a8, a8)
+    torch.testing.assert_close(torch.diagonal(itself), torch.ones(8, dtype=torch.float64))
+
+
+def write_adapter(path, r: int, delta_rank: int, modules=("model.layers.0.self_attn.q_proj",)) -> None:
+    """A PEFT LoRA adapter directory whose updates have `delta_rank` directions at rank `r`."""
+    path.mkdir()
+    tensors = {}
+    for i, module in enumerate(modules):
+        a, b = low_rank(32, r, 32, seed=10 + i)
+        b[:, delta_rank:] = 0
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.float()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.float()
+    save_file(tensors, path / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"], "use_rslora": False}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_advice_names_a_smaller_rank_when_few_directions_are_used(tmp_path, capsys):
+    write_adapter(tmp_path / "wide", r=16, delta_rank=3)
+    assert cli.main(["adapter", "inspect", str(tmp_path / "wide")]) == 0
+    out = capsys.readouterr().out
+    assert "rank 16 uses at most 3 directions for 90 % of the update in every module: r=4 is enough" in out
+    report = json.loads((tmp_path / "wide_analysis" / "adapter_report.json").read_text())
+    module = report["modules"]["model.layers.0.self_attn.q_proj"]
+    assert module["effective_rank_99"] <= 3 and "relative_to_weight" not in module  # no base beside a bare adapter
+    assert sorted(module["singular_values"], reverse=True) == module["singular_values"]
+
+
+def test_inspect_a_run_against_its_trained_weights_and_compare_two_ranks(tiny_model, write_recipe, tmp_path, capsys):
+    runs = {}
+    for r in (8, 4):
+        recipe = write_recipe(tiny_model("llama"), lora={"r": r, "alpha": 2 * r}, output_dir=str(tmp_path / f"r{r}"))
+        runs[r] = train(load_recipe(recipe))
+    assert cli.main(["adapter", "inspect", str(runs[8]), "--compare", str(runs[4] / "adapter")]) == 0
+    out = capsys.readouterr().out
+    analysis = runs[8] / "adapter_analysis"
+    assert f"report and figures: {analysis}" in out and "rank 8" in out
+    report = json.loads((analysis / "adapter_report.json").read_text())
+    assert {p.name for p in analysis.iterdir()} >= {"spectra.png", "effective_rank.png", "similarity.png"}
+
+    # ‖W‖ is the norm of the weight training multiplied by: the NF4 base's dequantization
+    net, _, _ = model.load_for_inference(runs[8])
+    layer = net.get_submodule("base_model.model.model.layers.1.mlp.down_proj").base_layer
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    trained = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
+    module = report["modules"]["model.layers.1.mlp.down_proj"]
+    assert module["weight_norm"] == pytest.approx(float(trained.norm()), rel=1e-12)
+    assert module["relative_to_weight"] == pytest.approx(module["delta_norm"] / float(trained.norm()), rel=1e-12)
+    phi = module["subspace_similarity"]
+    assert len(phi) == 8 and len(phi[0]) == 4 and all(0 <= x <= 1 for row in phi for x in row)
+
+    assert cli.main(["adapter", "inspect", str(tmp_path / "nowhere")]) == 2
+    assert "not a training run or a PEFT adapter directory" in capsys.readouterr().err

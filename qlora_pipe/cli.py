@@ -21,6 +21,7 @@ import yaml
 
 from qlora_pipe import UserError, __version__
 from qlora_pipe.config import (
+    COMBINE_METHODS,
     DEVICES,
     LABEL_TOKENS,
     MERGE_MODES,
@@ -297,6 +298,16 @@ def _adapter_inspect(args: argparse.Namespace) -> None:
     print(report["advice"])
 
 
+def _adapter_combine(args: argparse.Namespace) -> None:
+    from qlora_pipe.combine import combine
+
+    out = combine(
+        args.adapters, weights=args.weights, method=args.method, out=args.out, density=args.density, rank=args.rank
+    )
+    print(f"combined adapter: {out}")
+    print(f"next: qlora-pipe merge {out}   (or adapter inspect, eval, generate)")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from qlora_pipe.generate import generate
 
@@ -474,6 +485,22 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--compare", metavar="OTHER", help="a second adapter (e.g. the same task at another rank)")
     inspect.add_argument("--out", help="output directory (default RUN_DIR/adapter_analysis, or ADAPTER_analysis)")
     inspect.set_defaults(func=_adapter_inspect)
+    comb = tools.add_parser(
+        "combine",
+        help="one adapter from several, weighted (PEFT's add_weighted_adapter)",
+        description="Combine adapters trained on the same base into one PEFT adapter, Σ weight_i · adapter_i as the "
+        "method combines them: cat (exact: ranks add up), svd (the best rank-R approximation of the exact sum), "
+        "linear (A and B averaged: rough, equal ranks), ties, ties_svd, dare_linear, dare_ties, magnitude_prune "
+        "(task-arithmetic merges that keep --density of each update). The output merges, evaluates and generates like "
+        "a run when the sources are runs.",
+    )
+    comb.add_argument("adapters", nargs="+", metavar="ADAPTER", help="training runs, their adapter/ or adapter dirs")
+    comb.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per adapter")
+    comb.add_argument("--method", choices=COMBINE_METHODS, required=True, help="how the adapters are combined")
+    comb.add_argument("--density", type=float, help="share of each update kept (ties, dare, magnitude_prune)")
+    comb.add_argument("--rank", type=int, help="rank of the result for svd and ties_svd (default: the largest)")
+    comb.add_argument("--out", required=True, help="output directory (must not exist)")
+    comb.set_defaults(func=_adapter_combine)
 
     gen = sub.add_parser(
         "generate",
@@ -531,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     args = parser().parse_args(argv)
     # Under a launcher every rank reports its own error: on several nodes a missing file may be one node's alone.
-    who = f"qlora-pipe {args.command}" + (f" (rank {rank()})" if world_size() > 1 else "")
+    command = " ".join(filter(None, (args.command, getattr(args, "tool", None))))
+    who = f"qlora-pipe {command}" + (f" (rank {rank()})" if world_size() > 1 else "")
     try:
         if world_size() > 1 and args.command != "train":
             raise UserError(

@@ -28,6 +28,9 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 TRAINING_DEVICES = ("cuda", "cpu")  # what `estimate --device` predicts for: the GPU need not be on this machine
 MERGE_MODES = ("dequantized", "original")
+# `qlora-pipe adapter combine --method`: PEFT's add_weighted_adapter combination types
+COMBINE_METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
+DENSITY_METHODS = ("ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
 OUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 VERIFY_LEVELS = ("auto", "full", "layers", "none")
 # Exact match is reported when every reference completion is at most this many tokens: label-style tasks, where

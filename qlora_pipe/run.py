@@ -66,6 +66,9 @@ LOFTQ_REPORT = "loftq_report.json"
 MERGED = "merged"
 MERGE_REPORT = "merge_report.json"
 ADAPTER_ANALYSIS = "adapter_analysis"
+# Directories that hold an adapter and what merging it needs: a training run, or adapters combined from runs
+# (`qlora-pipe adapter combine`, whose adapter files sit in the directory itself).
+RUN_STAGES = ("train", "combine")
 ADAPTER_REPORT = "adapter_report.json"
 # A resumed run must be the run that was started: only its length, logging and memory-only settings may change.
 RESUMABLE_CHANGES = (
@@ -186,8 +189,16 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """The finished training run in `run_dir`; a user error when it is not one or its adapter is missing."""
-    manifest = read_manifest(run_dir, "train")
+    """The finished training run in `run_dir` (or an adapter combined from runs, which stands in for one); a user
+    error when it is not one or its adapter is missing."""
+    manifest = read_manifest(run_dir)
+    if manifest.get("stage") not in RUN_STAGES:
+        read_manifest(run_dir, "train")  # raises, naming what wrote the directory
+    if "recipe" not in manifest:
+        raise UserError(
+            f"{run_dir}: combined from adapters without their training runs; merging, evaluating or generating needs "
+            "the base and quantization a run records: combine the runs' directories instead"
+        )
     adapter = Path(run_dir) / manifest["adapter"]
     if not (adapter / "adapter_config.json").exists():
         raise UserError(f"{run_dir}: the adapter directory {adapter} is missing; re-run `qlora-pipe train`")
@@ -205,12 +216,11 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def run_dir_of(path: str | Path) -> Path | None:
-    """The training run that `path` is (or whose adapter it is), else None."""
+    """The training run (or combined adapter) that `path` is, or whose adapter it is, else None."""
     path = Path(path)
-    if (path / "adapter_config.json").exists() and (path.parent / MANIFEST).exists():
-        path = path.parent
-    if (path / MANIFEST).exists() and read_manifest(path).get("stage") == "train":
-        return path
+    for candidate in (path, path.parent) if (path / "adapter_config.json").exists() else (path,):
+        if (candidate / MANIFEST).exists() and read_manifest(candidate).get("stage") in RUN_STAGES:
+            return candidate
     return None
 
 
@@ -221,7 +231,7 @@ def recipe_behind(path: Path) -> Recipe | None:
             manifest = read_manifest(candidate)
             if manifest.get("stage") == "merge":
                 return recipe_behind(Path(manifest["source_run"]))
-            if manifest.get("stage") == "train":
+            if manifest.get("stage") in RUN_STAGES and "recipe" in manifest:
                 return recipe_from_dict(manifest["recipe"])
     return None
 

@@ -1,17 +1,23 @@
-"""`qlora-pipe adapter inspect`: the spectrum of ΔW from its r × r core equals a full SVD's, the effective ranks,
-norms, amplification and subspace similarity equal their definitions computed directly, and the command reports a
-trained run against the weights it was trained on."""
+"""The adapter tools. `adapter inspect`: the spectrum of ΔW from its r × r core equals a full SVD's, the effective
+ranks, norms, amplification and subspace similarity equal their definitions computed directly, and the command
+reports a trained run against the weights it was trained on. `adapter combine`: `cat` gives exactly Σ wᵢ·ΔWᵢ, `svd`
+the best rank-R approximation of it (also from bf16 adapters), the result merges exactly, and mismatched inputs are
+refused."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
+import yaml
+from conftest import DEMO_DATA
 from safetensors.torch import save_file
 
 from qlora_pipe import cli, model
+from qlora_pipe.adapters import load_adapter
 from qlora_pipe.analysis import effective_rank, module_summary, similarity, spectrum
 from qlora_pipe.config import load_recipe
 from qlora_pipe.train import train
@@ -73,18 +79,34 @@ def test_subspace_similarity_equals_its_definition():
     torch.testing.assert_close(torch.diagonal(itself), torch.ones(8, dtype=torch.float64))
 
 
-def write_adapter(path, r: int, delta_rank: int, modules=("model.layers.0.self_attn.q_proj",)) -> None:
-    """A PEFT LoRA adapter directory whose updates have `delta_rank` directions at rank `r`."""
+def write_adapter(
+    path, r: int, delta_rank: int, base: str = "tiny", dtype=torch.float32, seed: int = 10, rslora: bool = False
+) -> Path:
+    """A PEFT LoRA adapter directory on two layers whose updates have `delta_rank` directions at rank `r`."""
     path.mkdir()
     tensors = {}
-    for i, module in enumerate(modules):
-        a, b = low_rank(32, r, 32, seed=10 + i)
+    for i, module in enumerate(("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")):
+        a, b = low_rank(32, r, 32, seed=seed + i)
         b[:, delta_rank:] = 0
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.float()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.float()
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype)
     save_file(tensors, path / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"], "use_rslora": False}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "target_modules": ["q_proj"],
+        "use_rslora": rslora,
+        "base_model_name_or_path": base,
+    }
     (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def deltas(path: Path) -> dict[str, torch.Tensor]:
+    adapter = load_adapter(path)
+    return {m: adapter.delta(m, False).double() for m in adapter.lora}
 
 
 def test_advice_names_a_smaller_rank_when_few_directions_are_used(tmp_path, capsys):
@@ -98,11 +120,25 @@ def test_advice_names_a_smaller_rank_when_few_directions_are_used(tmp_path, caps
     assert sorted(module["singular_values"], reverse=True) == module["singular_values"]
 
 
-def test_inspect_a_run_against_its_trained_weights_and_compare_two_ranks(tiny_model, write_recipe, tmp_path, capsys):
-    runs = {}
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory) -> dict[int, Path]:
+    """Two short training runs on one tiny base: rank 8 and rank 4 (different seeds)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    found = {}
     for r in (8, 4):
-        recipe = write_recipe(tiny_model("llama"), lora={"r": r, "alpha": 2 * r}, output_dir=str(tmp_path / f"r{r}"))
-        runs[r] = train(load_recipe(recipe))
+        recipe = {
+            "model": {"base": str(tiny_model("llama")), "compute_dtype": "float32"},
+            "lora": {"r": r, "alpha": 2 * r},
+            "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval": str(DEMO_DATA / "eval.jsonl")},
+            "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 5e-3, "seed": r, "save_steps": 100},
+            "output_dir": str(tmp / f"r{r}"),
+        }
+        (tmp / f"r{r}.yaml").write_text(yaml.safe_dump(recipe))
+        found[r] = train(load_recipe(tmp / f"r{r}.yaml"))
+    return found
+
+
+def test_inspect_a_run_against_its_trained_weights_and_compare_two_ranks(runs, tmp_path, capsys):
     assert cli.main(["adapter", "inspect", str(runs[8]), "--compare", str(runs[4] / "adapter")]) == 0
     out = capsys.readouterr().out
     analysis = runs[8] / "adapter_analysis"
@@ -123,3 +159,54 @@ def test_inspect_a_run_against_its_trained_weights_and_compare_two_ranks(tiny_mo
 
     assert cli.main(["adapter", "inspect", str(tmp_path / "nowhere")]) == 2
     assert "not a training run or a PEFT adapter directory" in capsys.readouterr().err
+
+
+def test_cat_gives_the_exact_weighted_sum_and_merges_exactly(runs, tmp_path, capsys):
+    out = tmp_path / "cat"
+    argv = ["adapter", "combine", str(runs[8]), str(runs[4] / "adapter"), "--weights", "0.7", "-0.3"]
+    assert cli.main([*argv, "--method", "cat", "--out", str(out)]) == 0
+    ours, first, second = deltas(out), deltas(runs[8] / "adapter"), deltas(runs[4] / "adapter")
+    assert ours.keys() == first.keys()
+    for module, delta in ours.items():
+        expected = 0.7 * first[module] - 0.3 * second[module]
+        assert float((delta - expected).norm() / expected.norm()) <= 1e-6, module
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "combine" and manifest["rank"] == 12 and manifest["method"] == "cat"
+    assert [s["weight"] for s in manifest["sources"]] == [0.7, -0.3]
+    assert manifest["base"] == json.loads((runs[8] / "manifest.json").read_text())["base"]
+
+    assert cli.main(["merge", str(out), "--dtype", "float32"]) == 0  # takes the combined adapter as it takes a run
+    report = json.loads((out / "merged" / "merge_report.json").read_text())
+    assert report["modes"]["dequantized"]["relative_error"] <= 1e-5
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_svd_gives_the_best_rank_r_approximation_of_the_sum(dtype, tmp_path):
+    a = write_adapter(tmp_path / "a", r=8, delta_rank=8, dtype=dtype, seed=20)
+    b = write_adapter(tmp_path / "b", r=4, delta_rank=4, dtype=dtype, seed=30, rslora=True)
+    argv = ["adapter", "combine", str(a), str(b), "--weights", "1.0", "0.5", "--method", "svd", "--rank", "6"]
+    assert cli.main([*argv, "--out", str(tmp_path / "svd")]) == 0
+    ours, first, second = deltas(tmp_path / "svd"), deltas(a), deltas(b)
+    for module, delta in ours.items():
+        exact = first[module] + 0.5 * second[module]  # rank 12
+        u, values, vh = torch.linalg.svd(exact)
+        best = u[:, :6] @ torch.diag(values[:6]) @ vh[:6]
+        assert float((delta - best).norm() / best.norm()) <= 1e-5, module
+    assert load_adapter(tmp_path / "svd").lora[module][0].shape[0] == 6
+
+
+def test_combine_refuses_what_it_cannot_combine(tmp_path, capsys):
+    a = write_adapter(tmp_path / "a", r=8, delta_rank=8)
+    other_base = write_adapter(tmp_path / "b", 8, 8, base="other")
+    cases = {
+        "trained on different bases": [str(a), str(other_base), "--method", "cat"],
+        "needs --density": [str(a), str(a), "--method", "ties"],
+        "must have the same r value": [str(a), str(write_adapter(tmp_path / "c", 4, 4)), "--method", "linear"],
+        "2 weight(s) for 3 adapters": [str(a), str(a), str(a), "--method", "cat"],
+    }
+    for message, args in cases.items():
+        weights = ["--weights", "1", "1"]
+        assert cli.main(["adapter", "combine", *args, *weights, "--out", str(tmp_path / "out")]) == 2, message
+        assert message in capsys.readouterr().err, message
+        assert not (tmp_path / "out").exists()

@@ -83,9 +83,11 @@ class LoraSettings:
     """`all-linear` (every linear layer but the output head) or a list of module names such as [q_proj, v_proj]."""
     use_rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r."""
-    init: Literal["default", "gaussian", "loftq"] = "default"
-    """Initialisation: `default` (A Kaiming-uniform, B zero), `gaussian` (A Gaussian, B zero), or `loftq`: run the
-    LoftQ stage first (OUTPUT_DIR/loftq) and train from its backbone and adapter."""
+    init: Literal["default", "gaussian", "false", "loftq"] = "default"
+    """Initialisation (PEFT's init_lora_weights): `default` (A Kaiming-uniform, B zero: the update starts at zero),
+    `gaussian` (A Gaussian scaled by 1/r, B zero), `false` (A and B both random: the model changes before training;
+    for debugging only), or `loftq`: run the LoftQ stage first (OUTPUT_DIR/loftq) and train from its backbone and
+    adapter."""
     loftq_iters: int = 5
     """LoftQ alternations of quantization and low-rank fitting per matrix."""
     loftq_svd: Literal["lowrank", "exact"] = "lowrank"
@@ -333,6 +335,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     """Return (ok, value converted to tp). Only lossless conversions: int → float, nothing else."""
     origin = typing.get_origin(tp)
     if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() in typing.get_args(tp):  # YAML reads `false` as a boolean
+            return True, str(value).lower()
         return value in typing.get_args(tp), value
     if isinstance(tp, types.UnionType) or origin is typing.Union:
         for arg in typing.get_args(tp):

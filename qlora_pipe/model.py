@@ -99,7 +99,7 @@ def lora_config(recipe: Recipe) -> peft.LoraConfig:
         target_modules=lo.target_modules,
         use_rslora=lo.use_rslora,
         # loftq: the weights come from the LoftQ stage's adapter_init/, loaded over this default
-        init_lora_weights="gaussian" if lo.init == "gaussian" else True,
+        init_lora_weights={"gaussian": "gaussian", "false": False}.get(lo.init, True),
         # SEQ_CLS: PEFT trains the new classification head whole (modules_to_save) and saves it with the adapter
         task_type="SEQ_CLS" if recipe.task == "seq_cls" else "CAUSAL_LM",
     )

@@ -9,6 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from qlora_pipe.config import load_recipe
+from qlora_pipe.model import lora_config
+
 
 class TwoLayer(torch.nn.Module):
     def __init__(self):
@@ -52,3 +55,29 @@ def test_zero_b_leaves_the_model_unchanged(tiny_model):
     assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian", "false"])
+def test_lora_inits_as_the_peft_guide_describes_them(init, tiny_model, write_recipe):
+    """default and gaussian start from a zero update (B = 0), A Kaiming-uniform or Gaussian with std 1/r; false draws
+    B at random too, so the model changes before any training. `init: false` in YAML (a boolean) means `false`."""
+    recipe = load_recipe(write_recipe(tiny_model("llama"), lora={"init": False if init == "false" else init}))
+    assert recipe.lora.init == init
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32)
+    ids = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        before = net(input_ids=ids).logits
+    adapted = peft.get_peft_model(net, lora_config(recipe))
+    layer = adapted.base_model.model.model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        after = adapted(input_ids=ids).logits
+    if init == "false":
+        assert b.abs().sum() > 0 and not torch.equal(before, after)
+        return
+    assert torch.count_nonzero(b) == 0 and torch.equal(before, after)
+    if init == "gaussian":
+        assert float(a.std()) == pytest.approx(1 / recipe.lora.r, rel=0.15)
+    else:  # Kaiming-uniform with a = sqrt(5): bound 1/sqrt(fan_in)
+        assert float(a.abs().max()) <= 1 / a.shape[1] ** 0.5 + 1e-6

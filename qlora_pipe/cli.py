@@ -237,9 +237,31 @@ def _loftq(args: argparse.Namespace) -> None:
     print(f"backbone and adapter_init: {out}")
 
 
-def _eval(args: argparse.Namespace) -> None:
-    from qlora_pipe.evaluate import evaluate
+def adapter_options(values: list[str] | None) -> dict[str, Path]:
+    """--adapter NAME=DIR, repeated: names unique, `base` kept for the base alone."""
+    adapters: dict[str, Path] = {}
+    for value in values or []:
+        name, sep, where = value.partition("=")
+        if not sep or not name or not where:
+            raise UserError(f"--adapter {value}: give NAME=DIR (a name, then the run or adapter directory)")
+        if name == "base" or name in adapters:
+            raise UserError(f"--adapter {value}: the name {name!r} is {'taken' if name in adapters else 'reserved'}")
+        adapters[name] = Path(where)
+    return adapters
 
+
+def _eval(args: argparse.Namespace) -> None:
+    from qlora_pipe.evaluate import evaluate, evaluate_adapters
+
+    if args.adapter:
+        results = evaluate_adapters(args.path, adapter_options(args.adapter), data_file=args.data, out=args.out)
+        print(f"{args.path} with each adapter, on {results['base']['data']}:")
+        columns = {"loss": 10, "perplexity": 12, "exact_match": 13, "accuracy": 10}
+        print(f"  {'adapter':<24}" + "".join(f"{k.replace('_', ' '):>{w}}" for k, w in columns.items()))
+        for name, m in results.items():
+            cells = ("-" if m.get(k) is None else f"{m[k]:.4f}" for k in columns)
+            print(f"  {name:<24}" + "".join(f"{c:>{w}}" for c, w in zip(cells, columns.values(), strict=True)))
+        return
     m = evaluate(args.path, data_file=args.data, out=args.out)
     print(f"{m['model']} on {m['data']}: {m['examples']} examples")
     print(f"loss {m['loss']:.4f}" + (f", perplexity {m['perplexity']:.3f}" if "perplexity" in m else ""))
@@ -309,8 +331,14 @@ def _adapter_combine(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from qlora_pipe.generate import generate
+    from qlora_pipe.generate import generate, generate_with_adapters
 
+    if args.adapter:
+        adapters = adapter_options(args.adapter)
+        replies = generate_with_adapters(args.path, adapters, args.prompt, max_new_tokens=args.max_new_tokens)
+        for name, text in replies.items():
+            print(f"[{name}] {text}")
+        return
     print(generate(args.path, args.prompt, max_new_tokens=args.max_new_tokens))
 
 
@@ -456,6 +484,13 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("path", help="run directory (base + adapter), merged directory or model directory")
     ev.add_argument("--data", help="data file (any format train reads); default: the run's eval split")
     ev.add_argument("--out", help="also write the metrics to this JSON file")
+    ev.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=DIR",
+        help="evaluate the base of PATH (a run's base as trained, or a model directory) alone and with this adapter "
+        "(a run, its adapter/ or a PEFT adapter directory); repeat for several: the base is loaded once",
+    )
     ev.set_defaults(func=_eval)
 
     rep = sub.add_parser(
@@ -510,6 +545,12 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("path", help="merged directory, run directory (base + adapter) or model directory")
     gen.add_argument("--prompt", required=True, help="user message")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
+    gen.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=DIR",
+        help="reply with the base of PATH alone and with this adapter; repeat for several (the base is loaded once)",
+    )
     gen.set_defaults(func=_generate)
 
     talk = sub.add_parser(

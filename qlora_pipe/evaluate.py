@@ -20,7 +20,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from qlora_pipe import UserError, data
 from qlora_pipe.config import LABEL_TOKENS, DataConfig, Recipe
-from qlora_pipe.model import load_for_inference
+from qlora_pipe.model import load_for_inference, load_with_adapters
 from qlora_pipe.run import recipe_behind
 
 logger = logging.getLogger(__name__)
@@ -152,3 +152,21 @@ def evaluate(path: str | Path, *, data_file: str | None = None, out: str | Path 
     if out:
         Path(out).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics
+
+
+def evaluate_adapters(
+    path: str | Path, adapters: dict[str, Path], *, data_file: str | None = None, out: str | Path | None = None
+) -> dict[str, dict]:
+    """The base of `path` alone and with each adapter (the run's own included), on one data set, the base loaded
+    once: {"base": metrics, name: metrics, ...}."""
+    recipe = recipe_behind(Path(path)) or next(filter(None, (recipe_behind(Path(d)) for d in adapters.values())), None)
+    cfg, source = eval_data_config(recipe, data_file)
+    net, tokenizer, names = load_with_adapters(path, adapters)
+    with net.disable_adapter():
+        results = {"base": {"data": source, **evaluate_model(net, tokenizer, recipe, cfg)}}
+    for name in names:
+        net.set_adapter(name)
+        results[name] = {"data": source, **evaluate_model(net, tokenizer, recipe, cfg)}
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    return results

@@ -10,7 +10,7 @@ from typing import TextIO
 import torch
 from transformers import TextStreamer
 
-from qlora_pipe.model import load_for_inference
+from qlora_pipe.model import load_for_inference, load_with_adapters
 
 CHAT_HELP = "/reset clears the conversation, /exit (or Ctrl-D) ends it"
 
@@ -50,6 +50,21 @@ def generate(path: str | Path, prompt: str, *, max_new_tokens: int = 64) -> str:
     net, tokenizer, _ = load_for_inference(path)
     net.eval()
     return reply(net, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens)
+
+
+def generate_with_adapters(
+    path: str | Path, adapters: dict[str, Path], prompt: str, *, max_new_tokens: int = 64
+) -> dict[str, str]:
+    """The reply of the base of `path` alone and with each adapter (the run's own included), the base loaded once."""
+    net, tokenizer, names = load_with_adapters(path, adapters)
+    net.eval()
+    turns = [{"role": "user", "content": prompt}]
+    with net.disable_adapter():
+        replies = {"base": reply(net, tokenizer, turns, max_new_tokens)}
+    for name in names:
+        net.set_adapter(name)
+        replies[name] = reply(net, tokenizer, turns, max_new_tokens)
+    return replies
 
 
 class _Streamer(TextStreamer):

@@ -276,6 +276,45 @@ def load_for_inference(path: str | Path) -> tuple[torch.nn.Module, object, str]:
     raise UserError(f"{path}: not a merged model, a training run or a model directory (no config.json or manifest)")
 
 
+def adapter_dir(path: Path) -> Path:
+    """The adapter files behind `path`: a run's (or combined adapter's) adapter, or `path` itself."""
+    run_dir = run_dir_of(path)
+    found = load_run(run_dir).adapter if run_dir is not None else path
+    if not (found / "adapter_config.json").exists():
+        raise UserError(f"--adapter {path}: not a training run or a PEFT adapter directory (no adapter_config.json)")
+    return found
+
+
+def load_with_adapters(path: str | Path, adapters: dict[str, Path]) -> tuple[peft.PeftModel, object, list[str]]:
+    """The base of `path` loaded once (a run's base as training loaded it, or a model directory) with every adapter
+    loaded by name, a run's own adapter first (named after its directory); (model, tokenizer, adapter names). PEFT
+    switches between them (`set_adapter`); `disable_adapter()` gives the base alone."""
+    path = Path(path)
+    run_dir = run_dir_of(path)
+    if run_dir is not None:
+        run = load_run(run_dir)
+        base = load_run_base(run, resolve_compute_dtype(run.recipe.model.compute_dtype))
+        if run.quantized:
+            set_cpu_bf16_fastpath(base, False)
+        adapters, tokenizer = {run_dir.name: run.adapter, **adapters}, load_tokenizer(str(run.adapter))
+    elif (path / "config.json").exists():
+        base = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map(), use_safetensors=True)
+        tokenizer = load_tokenizer(str(path))
+    else:
+        raise UserError(f"{path}: not a training run or a model directory (no manifest.json or config.json)")
+    for name in adapters:  # PEFT keys its layers by adapter name, next to the attributes every nn.Module has
+        if "." in name or hasattr(torch.nn.ModuleDict(), name):
+            raise UserError(
+                f"adapter name {name!r}: not usable as a PEFT adapter name (a dot, or a PyTorch module "
+                "attribute such as half or train); choose another with --adapter NAME=DIR"
+            )
+    (first, where), *rest = adapters.items()
+    net = peft.PeftModel.from_pretrained(base, adapter_dir(Path(where)), adapter_name=first)
+    for name, where in rest:
+        net.load_adapter(adapter_dir(Path(where)), adapter_name=name)
+    return net, tokenizer, list(adapters)
+
+
 def set_cpu_bf16_fastpath(model: torch.nn.Module, enabled: bool) -> None:
     """bitsandbytes' no-grad CPU forward repacks NF4 weights in place and computes in bf16 on avx512_bf16 CPUs.
     Training and exact comparisons must see the dequantize-and-matmul path instead."""

@@ -210,3 +210,29 @@ def test_combine_refuses_what_it_cannot_combine(tmp_path, capsys):
         assert cli.main(["adapter", "combine", *args, *weights, "--out", str(tmp_path / "out")]) == 2, message
         assert message in capsys.readouterr().err, message
         assert not (tmp_path / "out").exists()
+
+
+def test_several_adapters_on_one_base_equal_each_alone(runs, monkeypatch, capsys):
+    from qlora_pipe.evaluate import evaluate, evaluate_adapters
+    from qlora_pipe.generate import generate, generate_with_adapters
+
+    loads = []
+    load_run_base = model.load_run_base
+    monkeypatch.setattr(model, "load_run_base", lambda *a: loads.append(a) or load_run_base(*a))
+    results = evaluate_adapters(runs[8], {"r4": runs[4] / "adapter"})
+    assert list(results) == ["base", "r8", "r4"] and len(loads) == 1  # the base is loaded once
+    for name, run in (("r8", runs[8]), ("r4", runs[4])):
+        alone = evaluate(run)
+        assert results[name]["loss"] == pytest.approx(alone["loss"], rel=1e-6), name
+    assert results["base"]["loss"] > max(results["r8"]["loss"], results["r4"]["loss"])
+
+    replies = generate_with_adapters(runs[8], {"r4": runs[4]}, "Classify: great food", max_new_tokens=8)
+    assert replies["r4"] == generate(runs[4], "Classify: great food", max_new_tokens=8)
+
+    assert cli.main(["eval", str(runs[8]), "--adapter", f"r4={runs[4]}"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in ("base", "r8", "r4"))
+    assert cli.main(["generate", str(runs[8]), "--prompt", "hi", "--adapter", f"train={runs[4]}"]) == 2
+    assert "not usable as a PEFT adapter name" in capsys.readouterr().err
+    assert cli.main(["generate", str(runs[8]), "--prompt", "hi", "--adapter", "r4"]) == 2
+    assert "give NAME=DIR" in capsys.readouterr().err

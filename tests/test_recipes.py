@@ -42,6 +42,8 @@ def test_there_are_recipes_for_each_family_and_seed_task():
         "seeds/gpt2_causal_lm.yaml",
         "seeds/bloomz_twitter_complaints.yaml",
         "seeds/bert_sst2_seq_cls.yaml",
+        "seeds/bloomz_rank_8.yaml",
+        "seeds/bloomz_rank_64.yaml",
     } <= names
 
 
@@ -103,3 +105,28 @@ def test_recipe_header_states_the_peak_the_estimate_predicts(path):
 def test_12gb_recipes_fit_12_gib_with_the_cuda_context(name):
     path = ROOT / "recipes" / name
     assert estimate(load_recipe(path), device="cuda", facts_dir=path.parent).total <= 11 * GIB  # and a GiB to spare
+
+
+@pytest.mark.slow
+def test_the_rank_question_seed_trains_both_ranks_and_compares_them(tiny_like, tmp_path, monkeypatch, capsys):
+    """recipes/seeds/bloomz_rank_{8,64}.yaml on a tiny BLOOM, then `adapter inspect r8 --compare r64` as the recipes'
+    header says: the paper's similarity figure and φ for every module."""
+    from qlora_pipe import cli
+
+    monkeypatch.chdir(ROOT)
+    base = tiny_like("recipes/seeds/bloomz-560m")
+    runs = {}
+    for r in (8, 64):
+        recipe = load_recipe(ROOT / "recipes" / "seeds" / f"bloomz_rank_{r}.yaml")
+        t = dataclasses.replace(recipe.train, max_steps=3, batch_size=4, logging_steps=1, save_steps=100)
+        model = dataclasses.replace(recipe.model, base=str(base))
+        runs[r] = train(dataclasses.replace(recipe, model=model, train=t, output_dir=str(tmp_path / f"r{r}")))
+    assert cli.main(["adapter", "inspect", str(runs[8]), "--compare", str(runs[64])]) == 0
+    assert "rank 8" in capsys.readouterr().out
+    analysis = runs[8] / "adapter_analysis"
+    assert (analysis / "similarity.png").stat().st_size > 0
+    modules = json.loads((analysis / "adapter_report.json").read_text())["modules"]
+    for name, module in modules.items():
+        phi = module["subspace_similarity"]
+        assert len(phi) == 8 and 8 <= len(phi[0]) <= 64, name
+        assert all(0 <= x <= 1 + 1e-9 for row in phi for x in row), name

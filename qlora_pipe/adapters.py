@@ -23,6 +23,8 @@ class Adapter:
 
     scaling: float
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    magnitude: dict[str, torch.Tensor] = field(default_factory=dict)
+    """DoRA's learned magnitude of each output row, per module (empty for plain LoRA)."""
     embedding_modules: set[str] = field(default_factory=set)
     replaced: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -34,16 +36,32 @@ class Adapter:
             product = product.T
         return product.mul_(self.scaling)  # in place: the same values, one 7B-sized temporary fewer
 
+    def fold(
+        self, module: str, weight: torch.Tensor, delta: torch.Tensor, norm_dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The (out, in) fp32 `weight` with the module's (out, in) update folded in as PEFT computes it: W + ΔW, or
+        for DoRA m / ‖W + ΔW‖ · (W + ΔW), the norm over each output row. PEFT takes that norm from the weight as its
+        dequantization returns it, in the dtype the base was loaded in (`norm_dtype`), while the layer multiplies by
+        the exact fp32 dequantization."""
+        merged = weight + delta
+        if module not in self.magnitude:
+            return merged
+        norm = torch.linalg.norm(weight.to(norm_dtype).float() + delta, dim=1)
+        return (self.magnitude[module].float() / norm).view(-1, 1) * merged
+
 
 def load_adapter(adapter_dir: Path) -> Adapter:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    unsupported = [k for k in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern") if config.get(k)]
+    unsupported = [k for k in ("lora_bias", "rank_pattern", "alpha_pattern") if config.get(k)]
     if unsupported:
         raise UserError(f"{adapter_dir}: the merge does not support adapters with {', '.join(unsupported)}")
     adapter = Adapter(lora_scale(config["r"], config["lora_alpha"], bool(config.get("use_rslora"))))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
         name = key.removeprefix(PEFT_PREFIX)
+        if name.endswith((".lora_magnitude_vector", ".lora_magnitude_vector.weight")):
+            adapter.magnitude[name.split(".lora_magnitude_vector")[0]] = tensor
+            continue
         for marker, part in (
             (".lora_A.weight", "A"),
             (".lora_B.weight", "B"),

@@ -66,6 +66,8 @@ def source(path: Path) -> Source:
     adapter = load_adapter(adapter_dir)
     if adapter.replaced or adapter.embedding_modules:
         raise UserError(f"{path}: the adapter trains whole modules or embeddings; combine takes LoRA layers only")
+    if adapter.magnitude:
+        raise UserError(f"{path}: a DoRA adapter; its magnitudes rescale whole rows and do not add up across adapters")
     return Source(adapter_dir, adapter, run)
 
 

@@ -83,6 +83,10 @@ class LoraSettings:
     """`all-linear` (every linear layer but the output head) or a list of module names such as [q_proj, v_proj]."""
     use_rslora: bool = False
     """Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA, PEFT's use_dora): also learn a magnitude per output row; each layer computes
+    m / ‖W + ΔW‖ · (W + ΔW), with W the dequantized NF4 weight. Slower per step than plain LoRA; the merge folds the
+    magnitudes in exactly."""
     init: Literal["default", "gaussian", "false", "loftq"] = "default"
     """Initialisation (PEFT's init_lora_weights): `default` (A Kaiming-uniform, B zero: the update starts at zero),
     `gaussian` (A Gaussian scaled by 1/r, B zero), `false` (A and B both random: the model changes before training;
@@ -255,6 +259,11 @@ def _check_values(recipe: Recipe) -> list[str]:
             "anyway",
         ),
         (recipe.task == "seq_cls" and lo.init == "loftq", "lora.init", "loftq is implemented for task causal_lm"),
+        (
+            lo.use_dora and lo.init == "loftq",
+            "lora.use_dora",
+            "DoRA starts its magnitudes from the base weights, and LoftQ replaces those: use one of them",
+        ),
         (not 0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}"),
         (d.max_seq_length <= 0, "data.max_seq_length", f"must be a positive integer, got {d.max_seq_length}"),
         (not 0 <= d.max_truncated <= 1, "data.max_truncated", f"must be in [0, 1], got {d.max_truncated}"),

@@ -312,6 +312,8 @@ def predict(
         layer *= layers
     if quantized:
         layer += DEQUANTIZED_WEIGHTS * max(i * o for i, o in shapes.values()) * compute_bytes
+    if lo.use_dora:  # each DoRA layer forms B·A and W + s·B·A in fp32 for its row norms (counted, not measured)
+        layer += 2 * max(i * o for i, o in targets.values()) * 4
     width = min(vocab, HEAD_TILE_VOCAB)
     tile = min(step.labelled, loss_chunk_tokens(t.loss_chunk_tokens, vocab, device)) * width
     head = hidden * (step.tokens * coef.head_hidden + step.labelled * coef.head_labelled)

@@ -26,6 +26,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from peft import PeftModel
+from peft.utils.integrations import dequantize_module_weight
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 from transformers.pytorch_utils import Conv1D
@@ -102,6 +103,10 @@ class LayerCheck:
         if module in self.adapter.lora:
             a, b = self.adapter.lora[module]
             reference = reference + (x @ a.float().T) @ b.float().T * self.adapter.scaling
+        if module in self.adapter.magnitude:  # DoRA scales each output by m / ‖W + ΔW‖ of its row, as PEFT does
+            weight = base if isinstance(base, torch.Tensor) else dequantize_module_weight(base)
+            norm = torch.linalg.norm(weight.float() + self.adapter.delta(module, False), dim=1)
+            reference = reference * (self.adapter.magnitude[module].float() / norm)
         for mode, weight in weights.items():
             got = x @ weight.to(self.out_dtype).float().T
             diff = (got - reference).abs()
@@ -149,8 +154,10 @@ def quantized_weight(
     layer = nf4_layer(original, job.quantization, job.device)
     trained = trained_weight_fp32(layer)
     if job.check:
-        flat_delta = 0 if delta is None else (delta.T if fan_in_fan_out else delta)
-        job.check.add(module, layer, {"dequantized": trained + flat_delta, "original": original + flat_delta})
+        flat_delta = None if delta is None else (delta.T if fan_in_fan_out else delta)
+        load_dtype = getattr(torch, job.quantization["load_dtype"])
+        fold = (lambda w: w) if flat_delta is None else (lambda w: job.adapter.fold(module, w, flat_delta, load_dtype))
+        job.check.add(module, layer, {"dequantized": fold(trained), "original": fold(original)})
     weight = trained if job.mode == "dequantized" else original
     return weight.T if fan_in_fan_out else weight
 
@@ -172,6 +179,7 @@ def merged_tensor(job: MergeJob, tensor: torch.Tensor, name: str | None) -> torc
         quantized
         and job.mode == "dequantized"
         and not job.check
+        and module not in adapter.magnitude  # DoRA's row norms need the whole merged weight first
         and fused_merge_supported(flat(tensor), q, job.device)
     ):
         delta = flat(delta) if delta is not None else None
@@ -183,10 +191,12 @@ def merged_tensor(job: MergeJob, tensor: torch.Tensor, name: str | None) -> torc
         trained = tensor.to(getattr(torch, q.get("unquantized_dtypes", {}).get(name, q["load_dtype"]))).float()
         weight = tensor.float() if job.mode == "original" else trained
         if job.check and delta is not None and module not in adapter.embedding_modules:
-            merged = {"dequantized": flat(trained + delta), "original": flat(tensor.float() + delta)}
+            weights = {"dequantized": trained, "original": tensor.float()}
+            merged = {mode: adapter.fold(module, flat(w), flat(delta)) for mode, w in weights.items()}
             job.check.add(module, flat(trained), merged)
     if delta is not None:
-        weight = weight + delta
+        norm_dtype = getattr(torch, q["load_dtype"]) if quantized else torch.float32
+        weight = flat(adapter.fold(module, flat(weight), flat(delta), norm_dtype))
     return weight.to(out_dtype)
 
 

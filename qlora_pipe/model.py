@@ -98,6 +98,7 @@ def lora_config(recipe: Recipe) -> peft.LoraConfig:
         lora_dropout=lo.dropout,
         target_modules=lo.target_modules,
         use_rslora=lo.use_rslora,
+        use_dora=lo.use_dora,
         # loftq: the weights come from the LoftQ stage's adapter_init/, loaded over this default
         init_lora_weights={"gaussian": "gaussian", "false": False}.get(lo.init, True),
         # SEQ_CLS: PEFT trains the new classification head whole (modules_to_save) and saves it with the adapter

@@ -80,7 +80,14 @@ def test_subspace_similarity_equals_its_definition():
 
 
 def write_adapter(
-    path, r: int, delta_rank: int, base: str = "tiny", dtype=torch.float32, seed: int = 10, rslora: bool = False
+    path,
+    r: int,
+    delta_rank: int,
+    base: str = "tiny",
+    dtype=torch.float32,
+    seed: int = 10,
+    rslora: bool = False,
+    dora: bool = False,
 ) -> Path:
     """A PEFT LoRA adapter directory on two layers whose updates have `delta_rank` directions at rank `r`."""
     path.mkdir()
@@ -90,6 +97,8 @@ def write_adapter(
         b[:, delta_rank:] = 0
         tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype)
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype)
+        if dora:
+            tensors[f"base_model.model.{module}.lora_magnitude_vector"] = torch.ones(32, dtype=dtype)
     save_file(tensors, path / "adapter_model.safetensors")
     config = {
         "peft_type": "LORA",
@@ -204,6 +213,7 @@ def test_combine_refuses_what_it_cannot_combine(tmp_path, capsys):
         "needs --density": [str(a), str(a), "--method", "ties"],
         "must have the same r value": [str(a), str(write_adapter(tmp_path / "c", 4, 4)), "--method", "linear"],
         "2 weight(s) for 3 adapters": [str(a), str(a), str(a), "--method", "cat"],
+        "a DoRA adapter": [str(a), str(write_adapter(tmp_path / "d", 8, 8, dora=True)), "--method", "cat"],
     }
     for message, args in cases.items():
         weights = ["--weights", "1", "1"]

@@ -36,9 +36,15 @@ def nf4_adapter_logits(recipe_path, run_dir, ids_list):
         return [net(input_ids=ids).logits[0] for ids in ids_list]
 
 
-@pytest.mark.parametrize("arch", ["llama", *slow("mistral", "qwen2", "gpt2")])
-def test_merged_logits_match_adapter_logits(arch, tiny_model, write_recipe, tmp_path):
-    recipe_path = write_recipe(tiny_model(arch))
+OTHERS = ("mistral", "qwen2", "gpt2")
+
+
+@pytest.mark.parametrize(
+    ("arch", "dora"), [("llama", False), ("llama", True), *slow(*((a, d) for d in (False, True) for a in OTHERS))]
+)
+def test_merged_logits_match_adapter_logits(arch, dora, tiny_model, write_recipe, tmp_path):
+    """Plain LoRA and DoRA (its magnitudes folded in as PEFT computes them) on each architecture."""
+    recipe_path = write_recipe(tiny_model(arch), lora={"use_dora": dora})
     run = tmp_path / "run"
     assert cli.main(["train", str(recipe_path)]) == 0
     with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as f:

@@ -28,36 +28,42 @@ def written_tensors(merged_dir) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def assert_bitwise_equal_to_in_memory(run, merged_dir, mode, out_dtype):
+def assert_bitwise_equal_to_in_memory(run, merged_dir, mode, out_dtype, rtol: float = 0.0):
     expected = merge.merge_in_memory(load_run(run), mode, out_dtype).state_dict()
     written = written_tensors(merged_dir)
     assert written, "nothing written"
     for key, tensor in written.items():
         name = key if key in expected else next(k for k in expected if k.endswith("." + key))
         assert tensor.dtype == expected[name].dtype, key
-        assert torch.equal(tensor, expected[name]), f"{key} differs from the in-memory merge"
+        if rtol:
+            torch.testing.assert_close(tensor, expected[name], rtol=rtol, atol=0, msg=f"{key}: far from in-memory")
+        else:
+            assert torch.equal(tensor, expected[name]), f"{key} differs from the in-memory merge"
 
 
 CASES = [
-    ("llama", "float32", False),
-    ("qwen2", "float32", True),
-    *slow(("gpt2", "float32", False), ("mistral", "bfloat16", False)),
+    ("llama", "float32", {}),
+    ("qwen2", "float32", {"use_rslora": True}),
+    ("llama", "float32", {"use_dora": True}),
+    *slow(("gpt2", "float32", {}), ("mistral", "bfloat16", {}), ("gpt2", "float32", {"use_dora": True})),
 ]
 
 
-@pytest.mark.parametrize(("arch", "compute", "rslora"), CASES)
+@pytest.mark.parametrize(("arch", "compute", "lora"), CASES)
 def test_streaming_output_is_bitwise_identical_to_in_memory_merge(
-    arch, compute, rslora, tiny_model, write_recipe, tmp_path
+    arch, compute, lora, tiny_model, write_recipe, tmp_path
 ):
-    lora = {"use_rslora": rslora, "alpha": 32}
+    lora = {"alpha": 32, **lora}
+    # DoRA's row norms over GPT-2's transposed Conv1D weights sum in another order in PEFT than here: not bitwise.
+    rtol = 1e-6 if lora.get("use_dora") and arch == "gpt2" else 0.0
     run = trained_run(write_recipe, tiny_model(arch), tmp_path, model={"compute_dtype": compute}, lora=lora)
     for mode in MERGE_MODES:
         out = tmp_path / mode
         merge.merge(run, mode=mode, dtype="float32", out=out, verify="none")
-        assert_bitwise_equal_to_in_memory(run, out, mode, torch.float32)
+        assert_bitwise_equal_to_in_memory(run, out, mode, torch.float32, rtol)
     out = tmp_path / "bf16"
     merge.merge(run, dtype="bfloat16", out=out, verify="none")
-    assert_bitwise_equal_to_in_memory(run, out, "dequantized", torch.bfloat16)
+    assert_bitwise_equal_to_in_memory(run, out, "dequantized", torch.bfloat16, rtol and 1e-2)
 
 
 def test_sharded_base_and_sharded_output(tiny_model, write_recipe, tmp_path):

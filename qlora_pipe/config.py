@@ -87,11 +87,12 @@ class LoraSettings:
     """DoRA (weight-decomposed LoRA, PEFT's use_dora): also learn a magnitude per output row; each layer computes
     m / ‖W + ΔW‖ · (W + ΔW), with W the dequantized NF4 weight. Slower per step than plain LoRA; the merge folds the
     magnitudes in exactly."""
-    init: Literal["default", "gaussian", "false", "loftq"] = "default"
+    init: Literal["default", "gaussian", "false", "loftq", "pissa"] = "default"
     """Initialisation (PEFT's init_lora_weights): `default` (A Kaiming-uniform, B zero: the update starts at zero),
     `gaussian` (A Gaussian scaled by 1/r, B zero), `false` (A and B both random: the model changes before training;
-    for debugging only), or `loftq`: run the LoftQ stage first (OUTPUT_DIR/loftq) and train from its backbone and
-    adapter."""
+    for debugging only), `loftq`: run the LoftQ stage first (OUTPUT_DIR/loftq) and train from its backbone and
+    adapter, or `pissa`: the same stage with PiSSA's start (the adapter is W's top-r singular part, the backbone the
+    residual, quantized)."""
     loftq_iters: int = 5
     """LoftQ alternations of quantization and low-rank fitting per matrix."""
     loftq_svd: Literal["lowrank", "exact"] = "lowrank"
@@ -236,9 +237,10 @@ def _check_values(recipe: Recipe) -> list[str]:
         ),
         (lo.loftq_iters <= 0, "lora.loftq_iters", f"must be a positive integer, got {lo.loftq_iters}"),
         (
-            lo.init == "loftq" and m.quantization != "nf4",
+            lo.init in ("loftq", "pissa") and m.quantization != "nf4",
             "lora.init",
-            "loftq fits the adapter to the NF4 quantization error; it needs model.quantization: nf4",
+            {"loftq": "loftq fits the adapter to", "pissa": "pissa quantizes the residual of"}.get(lo.init, "")
+            + " the NF4 quantization error; it needs model.quantization: nf4",
         ),
         (not d.train, "data.train", "is required: set it to a data file or a hub data set name"),
         (
@@ -258,11 +260,15 @@ def _check_values(recipe: Recipe) -> list[str]:
             "needs task causal_lm and eval data (data.eval or data.eval_fraction > 0); classifiers report accuracy "
             "anyway",
         ),
-        (recipe.task == "seq_cls" and lo.init == "loftq", "lora.init", "loftq is implemented for task causal_lm"),
         (
-            lo.use_dora and lo.init == "loftq",
+            recipe.task == "seq_cls" and lo.init in ("loftq", "pissa"),
+            "lora.init",
+            f"{lo.init} is implemented for task causal_lm",
+        ),
+        (
+            lo.use_dora and lo.init in ("loftq", "pissa"),
             "lora.use_dora",
-            "DoRA starts its magnitudes from the base weights, and LoftQ replaces those: use one of them",
+            f"DoRA starts its magnitudes from the base weights, and {lo.init} replaces those: use one of them",
         ),
         (not 0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}"),
         (d.max_seq_length <= 0, "data.max_seq_length", f"must be a positive integer, got {d.max_seq_length}"),

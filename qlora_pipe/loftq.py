@@ -8,6 +8,12 @@ B·A ≈ W − Q without dividing by the LoRA scale s = alpha/r (right only when
 quantizes without double quant, while training re-quantizes the backbone with the recipe's settings. Here every
 matrix is fitted with the recipe's exact NF4 settings, for any alpha and rsLoRA, and the final A, B are fitted to
 the Q that training will load (the stored backbone, re-quantized).
+
+`lora.init: pissa` runs the same stage with PiSSA's start instead (Meng et al., 2024, quantized as its QPiSSA): the
+adapter is W's principal rank-r part and the backbone the residual, which training quantizes. It fits this stage
+as it is: a backbone in place of each targeted weight plus an adapter to start from, written, resumed, loaded and
+merged the same way. PEFT's own `init_lora_weights="pissa"` needs the full-precision model in memory and leaves the
+residual for the user to save and quantize.
 """
 
 from __future__ import annotations
@@ -70,6 +76,39 @@ def low_rank(residual: torch.Tensor, rank: int, svd: str) -> tuple[torch.Tensor,
         vh = v.T
     root = s[:rank].sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def fit_pissa(
+    weight: torch.Tensor,
+    quantization: dict,
+    rank: int,
+    scaling: float,
+    svd: str,
+    storage_dtype: torch.dtype | None,
+    device: torch.device,
+) -> Fit:
+    """PiSSA on one (out, in) weight, quantized as in its paper (QPiSSA): the adapter starts as W's principal rank-r
+    part L·R (its top singular directions) and the backbone is the residual W − L·R, which training quantizes; the
+    model starts at Q(W − L·R) + L·R. `error_q` is plain NF4's ‖W − Q(W)‖, for comparison."""
+    start = time.monotonic()
+    w = weight.to(device, torch.float32)
+    left, right = low_rank(w, rank, svd)
+    backbone = w - left @ right
+    if storage_dtype is not None:
+        backbone = backbone.to(storage_dtype)
+    q = nf4_roundtrip(backbone, quantization, device)
+    root = math.sqrt(scaling)
+    b, a = left / root, right / root
+    return Fit(
+        q.cpu(),
+        backbone.cpu(),
+        a.cpu(),
+        b.cpu(),
+        torch.linalg.matrix_norm(w - nf4_roundtrip(w, quantization, device)).item(),
+        torch.linalg.matrix_norm(w - (q + scaling * (b @ a))).item(),
+        torch.linalg.matrix_norm(w).item(),
+        time.monotonic() - start,
+    )
 
 
 def fit_matrix(
@@ -139,6 +178,7 @@ def settings(recipe: Recipe, quantization: dict) -> dict:
         "alpha": lo.alpha,
         "use_rslora": lo.use_rslora,
         "target_modules": lo.target_modules,
+        "init": lo.init,
         "iters": lo.loftq_iters,
         "svd": lo.loftq_svd,
         "quantization": quantization,
@@ -173,16 +213,11 @@ def run_loftq(recipe: Recipe, *, device: str = "auto") -> Path:
             continue
         tensor = read_tensor(ref)
         transposed = keys[ref.key] in conv1d
-        fit = fit_matrix(
-            tensor.T if transposed else tensor,
-            quantization,
-            lo.r,
-            scaling,
-            lo.loftq_iters,
-            lo.loftq_svd,
-            tensor.dtype,
-            dev,
-        )
+        matrix = tensor.T if transposed else tensor
+        if lo.init == "pissa":
+            fit = fit_pissa(matrix, quantization, lo.r, scaling, lo.loftq_svd, tensor.dtype, dev)
+        else:
+            fit = fit_matrix(matrix, quantization, lo.r, scaling, lo.loftq_iters, lo.loftq_svd, tensor.dtype, dev)
         q = (fit.backbone.T if transposed else fit.backbone).to(tensor.dtype).contiguous()
         facts = {
             "key": ref.key,

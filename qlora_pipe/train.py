@@ -191,7 +191,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     tokenizer, prepared, checked = data.prepare_data(recipe, base, checks=is_writer())
     check_data(out, prepared, checked)
     compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
-    if recipe.lora.init == "loftq":
+    if recipe.lora.init in ("loftq", "pissa"):
         backbone, adapter_init = loftq.loftq_outputs(recipe)
         base = str(backbone)
     else:

@@ -178,3 +178,24 @@ def test_loftq_train_merge_end_to_end(loftq_recipe, tmp_path):
     report = json.loads((run / "merged" / "merge_report.json").read_text())
     assert report["modes"]["dequantized"]["relative_error"] <= 1e-5
     assert report["modes"]["dequantized"]["top1_agreement"] == 1.0
+
+
+def test_pissa_starts_closer_than_nf4_and_trains_and_merges_exactly(write_recipe, tiny_model, tmp_path):
+    """lora.init: pissa runs the LoftQ stage with PiSSA's start: every matrix's Q(W − L·R) + L·R is closer to W than
+    NF4 alone, the backbone is the residual, and a run trained from it merges exactly."""
+    w = weight()
+    fit = loftq.fit_pissa(w, EXACT_NO_DQ, 8, 2.0, "exact", None, torch.device("cpu"))
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    torch.testing.assert_close(2.0 * fit.b @ fit.a, u[:, :8] * s[:8] @ vh[:8], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fit.backbone, w - 2.0 * fit.b @ fit.a, rtol=1e-5, atol=1e-6)
+    assert fit.error_loftq < fit.error_q
+
+    recipe = write_recipe(tiny_model("llama"), lora={"init": "pissa", "alpha": 16, "r": 8, "loftq_svd": "exact"})
+    assert cli.main(["train", str(recipe)]) == 0
+    run = tmp_path / "run"
+    report = json.loads((run / LOFTQ / LOFTQ_REPORT).read_text())
+    assert all(row["error_loftq"] < row["error_q"] for row in report["matrices"])
+    assert json.loads((run / LOFTQ / "manifest.json").read_text())["settings"]["init"] == "pissa"
+    assert cli.main(["merge", str(run), "--dtype", "float32"]) == 0
+    merged = json.loads((run / "merged" / "merge_report.json").read_text())
+    assert merged["modes"]["dequantized"]["relative_error"] <= 1e-5

@@ -256,6 +256,14 @@ def load_run_base(run: Run, compute_dtype: torch.dtype) -> torch.nn.Module:
     return load_base(cfg, compute_dtype, run.quantized, load_dtype, run.labels)
 
 
+def base_as_trained(run: Run) -> torch.nn.Module:
+    """A run's base computing as training did: in the recipe's compute dtype, on bitsandbytes' dequantize path."""
+    base = load_run_base(run, resolve_compute_dtype(run.recipe.model.compute_dtype))
+    if run.quantized:
+        set_cpu_bf16_fastpath(base, False)
+    return base
+
+
 def load_for_inference(path: str | Path) -> tuple[torch.nn.Module, object, str]:
     """(model, tokenizer, description) of a training run (base + adapter, computing as training did), a run's
     adapter directory, or a standalone checkpoint (a merged model, a base)."""
@@ -263,10 +271,7 @@ def load_for_inference(path: str | Path) -> tuple[torch.nn.Module, object, str]:
     run_dir = run_dir_of(path)
     if run_dir is not None:
         run = load_run(run_dir)
-        base = load_run_base(run, resolve_compute_dtype(run.recipe.model.compute_dtype))
-        if run.quantized:
-            set_cpu_bf16_fastpath(base, False)  # compute as training did, in the recipe's compute dtype
-        net = peft.PeftModel.from_pretrained(base, run.adapter)
+        net = peft.PeftModel.from_pretrained(base_as_trained(run), run.adapter)
         return net, load_tokenizer(str(run.adapter)), f"{run_dir} (base + adapter)"
     if (path / "config.json").exists():
         config = AutoConfig.from_pretrained(path)
@@ -294,9 +299,7 @@ def load_with_adapters(path: str | Path, adapters: dict[str, Path]) -> tuple[pef
     run_dir = run_dir_of(path)
     if run_dir is not None:
         run = load_run(run_dir)
-        base = load_run_base(run, resolve_compute_dtype(run.recipe.model.compute_dtype))
-        if run.quantized:
-            set_cpu_bf16_fastpath(base, False)
+        base = base_as_trained(run)
         adapters, tokenizer = {run_dir.name: run.adapter, **adapters}, load_tokenizer(str(run.adapter))
     elif (path / "config.json").exists():
         base = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map(), use_safetensors=True)

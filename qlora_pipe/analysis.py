@@ -27,7 +27,7 @@ from qlora_pipe import UserError, model
 from qlora_pipe.adapters import Adapter, load_adapter
 from qlora_pipe.manifest import atomic_dir, write_json, write_manifest
 from qlora_pipe.quant import nf4_layer, trained_weight_fp32
-from qlora_pipe.run import ADAPTER_ANALYSIS, ADAPTER_REPORT, Run, load_run, run_dir_of
+from qlora_pipe.run import ADAPTER_ANALYSIS, ADAPTER_REPORT, Run, find_adapter
 from qlora_pipe.shards import checkpoint_files, read_index, read_tensor
 
 SHARES = (0.90, 0.99)
@@ -120,17 +120,9 @@ def trained_weights(run: Run, modules: list[str]):
 
 
 def resolve(path: Path) -> tuple[Adapter, Path, Run | None]:
-    """The adapter at `path` (a training run, its adapter directory, or any PEFT LoRA adapter directory), where it
-    is, and its run when there is one."""
-    run_dir = run_dir_of(path)
-    if run_dir is not None:
-        run = load_run(run_dir)
-        return load_adapter(run.adapter), run.adapter, run
-    if not (path / "adapter_config.json").exists():
-        raise UserError(f"{path}: not a training run or a PEFT adapter directory (no manifest.json or adapter_config)")
-    if not (path / "adapter_model.safetensors").exists():
-        raise UserError(f"{path}: no adapter_model.safetensors; adapters are read from safetensors only")
-    return load_adapter(path), path, None
+    """The adapter at `path`, where it is, and its run when there is one."""
+    where, run = find_adapter(path)
+    return load_adapter(where), where, run
 
 
 def layer_and_kind(module: str) -> tuple[int | None, str]:

@@ -34,7 +34,7 @@ from qlora_pipe.config import (
     recipe_to_dict,
 )
 from qlora_pipe.manifest import read_manifest
-from qlora_pipe.run import ADAPTER, LOFTQ_REPORT, MERGE_REPORT, is_writer, rank, world_size
+from qlora_pipe.run import ADAPTER, ADAPTER_REPORT, LOFTQ_REPORT, MERGE_REPORT, is_writer, rank, world_size
 
 LIBRARY_NOTICES = (
     r"`is_gradient_checkpointing` is deprecated",
@@ -300,10 +300,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _adapter_inspect(args: argparse.Namespace) -> None:
-    import json
-
     from qlora_pipe.analysis import inspect
-    from qlora_pipe.run import ADAPTER_REPORT
 
     out = inspect(args.path, compare=args.compare, out=args.out)
     report = json.loads((out / ADAPTER_REPORT).read_text())

@@ -27,7 +27,7 @@ from qlora_pipe import UserError
 from qlora_pipe.adapters import Adapter, load_adapter
 from qlora_pipe.config import DENSITY_METHODS
 from qlora_pipe.manifest import atomic_dir, write_manifest
-from qlora_pipe.run import Run, load_run, run_dir_of
+from qlora_pipe.run import Run, find_adapter
 
 RUN_FACTS = ("recipe", "base", "quantization", "task", "labels", "packing", "data")
 
@@ -55,14 +55,7 @@ class Source:
 
 
 def source(path: Path) -> Source:
-    run_dir = run_dir_of(path)
-    run = load_run(run_dir) if run_dir is not None else None
-    adapter_dir = run.adapter if run else path
-    if not (adapter_dir / "adapter_config.json").exists() or not (adapter_dir / "adapter_model.safetensors").exists():
-        raise UserError(
-            f"{path}: not a training run or a PEFT LoRA adapter directory (adapter_config.json and "
-            "adapter_model.safetensors)"
-        )
+    adapter_dir, run = find_adapter(path)
     adapter = load_adapter(adapter_dir)
     if adapter.replaced or adapter.embedding_modules:
         raise UserError(f"{path}: the adapter trains whole modules or embeddings; combine takes LoRA layers only")

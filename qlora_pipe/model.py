@@ -28,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from qlora_pipe import UserError
 from qlora_pipe.config import ModelConfig, Recipe, compute_dtype, device_choice, local_device
 from qlora_pipe.rows import check_hub_id
-from qlora_pipe.run import Run, load_run, run_dir_of
+from qlora_pipe.run import Run, find_adapter, load_run, run_dir_of
 
 logger = logging.getLogger(__name__)
 
@@ -282,15 +282,6 @@ def load_for_inference(path: str | Path) -> tuple[torch.nn.Module, object, str]:
     raise UserError(f"{path}: not a merged model, a training run or a model directory (no config.json or manifest)")
 
 
-def adapter_dir(path: Path) -> Path:
-    """The adapter files behind `path`: a run's (or combined adapter's) adapter, or `path` itself."""
-    run_dir = run_dir_of(path)
-    found = load_run(run_dir).adapter if run_dir is not None else path
-    if not (found / "adapter_config.json").exists():
-        raise UserError(f"--adapter {path}: not a training run or a PEFT adapter directory (no adapter_config.json)")
-    return found
-
-
 def load_with_adapters(path: str | Path, adapters: dict[str, Path]) -> tuple[peft.PeftModel, object, list[str]]:
     """The base of `path` loaded once (a run's base as training loaded it, or a model directory) with every adapter
     loaded by name, a run's own adapter first (named after its directory); (model, tokenizer, adapter names). PEFT
@@ -313,9 +304,9 @@ def load_with_adapters(path: str | Path, adapters: dict[str, Path]) -> tuple[pef
                 "attribute such as half or train); choose another with --adapter NAME=DIR"
             )
     (first, where), *rest = adapters.items()
-    net = peft.PeftModel.from_pretrained(base, adapter_dir(Path(where)), adapter_name=first)
+    net = peft.PeftModel.from_pretrained(base, find_adapter(where)[0], adapter_name=first)
     for name, where in rest:
-        net.load_adapter(adapter_dir(Path(where)), adapter_name=name)
+        net.load_adapter(find_adapter(where)[0], adapter_name=name)
     return net, tokenizer, list(adapters)
 
 

@@ -224,6 +224,21 @@ def run_dir_of(path: str | Path) -> Path | None:
     return None
 
 
+def find_adapter(path: str | Path) -> tuple[Path, Run | None]:
+    """The adapter directory behind `path` (a training run, its adapter/, a combined adapter, or any PEFT adapter
+    directory) and its run when it has one; a user error when `path` holds none."""
+    path = Path(path)
+    run_dir = run_dir_of(path)
+    if run_dir is not None:
+        run = load_run(run_dir)  # checks the run's adapter files
+        return run.adapter, run
+    if not (path / "adapter_config.json").exists():
+        raise UserError(f"{path}: not a training run or a PEFT adapter directory (no manifest.json or adapter_config)")
+    if not (path / "adapter_model.safetensors").exists():
+        raise UserError(f"{path}: no adapter_model.safetensors; adapters are read from safetensors only")
+    return path, None
+
+
 def recipe_behind(path: Path) -> Recipe | None:
     """The recipe behind a run directory, a run's adapter or a merged model (through its manifest), if any."""
     for candidate in (path, path.parent):

@@ -23,6 +23,9 @@ from qlora_pipe import UserError, __version__
 from qlora_pipe.config import (
     COMBINE_METHODS,
     DEVICES,
+    EXPORT_FORMATS,
+    EXPORT_VERIFY,
+    GGUF_TYPES,
     LABEL_TOKENS,
     MERGE_MODES,
     OUT_DTYPES,
@@ -34,7 +37,16 @@ from qlora_pipe.config import (
     recipe_to_dict,
 )
 from qlora_pipe.manifest import read_manifest
-from qlora_pipe.run import ADAPTER, ADAPTER_REPORT, LOFTQ_REPORT, MERGE_REPORT, is_writer, rank, world_size
+from qlora_pipe.run import (
+    ADAPTER,
+    ADAPTER_REPORT,
+    EXPORT_REPORT,
+    LOFTQ_REPORT,
+    MERGE_REPORT,
+    is_writer,
+    rank,
+    world_size,
+)
 
 LIBRARY_NOTICES = (
     r"`is_gradient_checkpointing` is deprecated",
@@ -222,6 +234,26 @@ def _merge(args: argparse.Namespace) -> None:
             numbers = f"worst layer relative error {n['max_relative_error']:.3g} over {n['layers']} layers"
         print(f"{mode:>12} ({mark}) vs the trained base + adapter: {numbers}")
     print(f"merged model: {out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from qlora_pipe.export import MODELFILE, export
+
+    out = export(args.path, fmt=args.format, qtype=args.type, out=args.out, verify=args.verify)
+    report = json.loads((out.parent / EXPORT_REPORT).read_text())[out.name]
+    print(f"{out} ({report['bytes'] / 1e6:.1f} MB, {args.type}, tokenizer {report['tokenizer']['pre'] or 'llama'})")
+    figures = report.get("figures", {})
+    if "relative_error" in figures:
+        print(
+            f"read back by transformers vs the merged model: relative error {figures['relative_error']:.3g}, "
+            f"top-1 agreement {figures['top1_agreement']:.4f} over {figures['positions']} positions"
+        )
+    elif figures:
+        print(f"read back tensor by tensor: worst relative error {figures['max_tensor_relative_error']:.3g}")
+    template = report["ollama_template"]
+    if not template["written"]:
+        print("Modelfile: no TEMPLATE (the model has no chat template, or it is not fixed text around each message)")
+    print(f"run it: llama-cli -m {out}   |   ollama create NAME -f {out.parent / MODELFILE}")
 
 
 def _loftq(args: argparse.Namespace) -> None:
@@ -469,6 +501,30 @@ def parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     merge.set_defaults(func=_merge)
+
+    exp = sub.add_parser(
+        "export",
+        help="export a run or model directory as one GGUF file for llama.cpp and Ollama, verified",
+        description="From a run, its verified merged/ (merging first when there is none); from a model directory, "
+        "directly. Writes the .gguf file, an Ollama Modelfile, export_report.json and manifest.json.",
+    )
+    exp.add_argument("path", help="run directory, merged directory or model directory")
+    exp.add_argument("--format", choices=EXPORT_FORMATS, default="gguf", help="output format (default gguf)")
+    exp.add_argument(
+        "--type",
+        choices=GGUF_TYPES,
+        default="f16",
+        help="tensor storage: f32 (exact), f16 (default), bf16, q8_0 (about half of f16; 1-D tensors stay f32)",
+    )
+    exp.add_argument("--out", help="output .gguf file (default RUN_DIR/gguf/RUN-TYPE.gguf)")
+    exp.add_argument(
+        "--verify",
+        choices=EXPORT_VERIFY,
+        default="auto",
+        help="full: logits of the file read back by transformers vs the merged model; tensors: each tensor read "
+        "back, within the streaming memory bound; auto: full when the models fit in memory",
+    )
+    exp.set_defaults(func=_export)
 
     ev = sub.add_parser(
         "eval",

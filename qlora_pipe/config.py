@@ -33,6 +33,10 @@ COMBINE_METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "d
 DENSITY_METHODS = ("ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
 OUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 VERIFY_LEVELS = ("auto", "full", "layers", "none")
+EXPORT_FORMATS = ("gguf",)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+# `export --verify`: full reads the file back into a whole model; tensors compares it tensor by tensor (streaming)
+EXPORT_VERIFY = ("auto", "full", "tensors", "none")
 # Exact match is reported when every reference completion is at most this many tokens: label-style tasks, where
 # "the whole answer is right" is the metric. Long free-text answers get loss and perplexity only.
 LABEL_TOKENS = 16

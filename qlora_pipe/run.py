@@ -65,6 +65,8 @@ ADAPTER_INIT = "adapter_init"
 LOFTQ_REPORT = "loftq_report.json"
 MERGED = "merged"
 MERGE_REPORT = "merge_report.json"
+EXPORT_DIR = "gguf"
+EXPORT_REPORT = "export_report.json"
 ADAPTER_ANALYSIS = "adapter_analysis"
 # Directories that hold an adapter and what merging it needs: a training run, or adapters combined from runs
 # (`qlora-pipe adapter combine`, whose adapter files sit in the directory itself).

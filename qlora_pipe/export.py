@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from qlora_pipe import UserError
 from qlora_pipe.config import GGUF_TYPES, Recipe
@@ -328,8 +328,9 @@ def vocab_of(model_dir: Path, tokenizer, n_vocab: int) -> Vocab:
     if not path.is_file():
         raise UserError(f"{model_dir}: no tokenizer.json; GGUF export reads the fast tokenizer's definition")
     spec = json.loads(path.read_text())
-    if len(tokenizer) > n_vocab:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embeddings")
+    if len(tokenizer) > n_vocab:  # the model cannot embed them either: an id past its embeddings fails there too
+        extra = tokenizer.convert_ids_to_tokens(list(range(n_vocab, len(tokenizer))))
+        logger.warning("tokens past the model's %d embeddings are left out of the GGUF vocabulary: %s", n_vocab, extra)
     tokens, types = token_table(tokenizer, n_vocab)
     if not is_sentencepiece(spec):
         if spec["model"]["type"] != "BPE":
@@ -434,31 +435,52 @@ def render(tokenizer, roles: list[str], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def common_suffix(a: str, b: str) -> str:
+def cut_is_clean(text: str, cut: int, specials: list[str]) -> bool:
+    """Whether position `cut` of `text` falls outside every special token in it (<|im_end|> is never split)."""
+    return not any(m.start() < cut < m.end() for t in specials for m in re.finditer(re.escape(t), text))
+
+
+def common_suffix(a: str, b: str, specials: list[str]) -> str:
     n = 0
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
         n += 1
+    while n and not (cut_is_clean(a, len(a) - n, specials) and cut_is_clean(b, len(b) - n, specials)):
+        n -= 1
     return a[len(a) - n :]
 
 
+def common_prefix(a: str, b: str, specials: list[str]) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    while n and not (cut_is_clean(a, n, specials) and cut_is_clean(b, n, specials)):
+        n -= 1
+    return a[:n]
+
+
 def split_turns(tokenizer) -> Turns | None:
-    """Read the text around each message off renders of sentinel conversations; None when it is not fixed text."""
+    """Read the text around each message off a render of a sentinel conversation; None when it is not fixed text.
+    Only the sums (user after + assistant before, assistant after + user before) are fixed by the render; they are
+    split where the end-of-turn text is shared, which renders the same either way."""
     s = SENTINELS
     try:
         chat = render(tokenizer, ["user", "assistant", "user2"], True)
-        alone = render(tokenizer, ["user"], False)
-    except Exception:  # a template that cannot render these (a jinja error is the template's own)
+    except Exception:  # a template that cannot render a plain conversation (a jinja error is the template's own)
         return None
     parts = re.split("|".join((s["user"], s["assistant"], s["user2"])), chat)
-    if len(parts) != 4 or parts[1] != parts[3] or s["user"] not in alone:
+    if len(parts) != 4 or parts[1] != parts[3]:
         return None
-    user_before = common_suffix(parts[0], parts[2])
-    user_after = alone.split(s["user"], 1)[1]
-    if not parts[1].startswith(user_after):
-        return None
+    specials = special_texts(tokenizer)
+    user_before = common_suffix(parts[0], parts[2], specials)
     head = parts[0][: len(parts[0]) - len(user_before)]
-    assistant = (parts[1][len(user_after) :], parts[2][: len(parts[2]) - len(user_before)])
+    assistant_after = parts[2][: len(parts[2]) - len(user_before)]
+    user_after = common_prefix(parts[1], assistant_after, specials)
+    assistant = (parts[1][len(user_after) :], assistant_after)
     return Turns(head, system_turn(tokenizer, head, user_before), (user_before, user_after), assistant)
+
+
+def special_texts(tokenizer) -> list[str]:
+    return sorted({*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()}, key=len, reverse=True)
 
 
 def system_turn(tokenizer, head: str, user_before: str) -> tuple[str, str] | None:
@@ -532,8 +554,7 @@ def stop_words(tokenizer, turns: Turns | None) -> list[str]:
     """The eos token, and the special tokens that end an assistant turn."""
     words = [tokenizer.eos_token] if tokenizer.eos_token else []
     if turns is not None:
-        specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
-        words += [t for t in specials if t in turns.assistant[1] and t not in words][:2]
+        words += [t for t in special_texts(tokenizer) if t in turns.assistant[1] and t not in words][:2]
     return words
 
 
@@ -564,6 +585,12 @@ def write_gguf(path: Path, model_dir: Path, config, tokenizer, qtype: str, name:
     """Stream the checkpoint into one GGUF file: metadata first, then each tensor as it is read."""
     family = family_of(config)
     items = plan_tensors(model_dir, config, family, qtype)
+    if sliding_window(config):
+        logger.warning(
+            "llama.cpp runs Mistral on its llama graph, which attends to the whole context: beyond the sliding window "
+            "of %d tokens the GGUF model computes differently from this one",
+            sliding_window(config),
+        )
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[family.arch])
     writer.add_name(name)
     write_hyperparameters(writer, config, qtype)
@@ -581,7 +608,14 @@ def write_gguf(path: Path, model_dir: Path, config, tokenizer, qtype: str, name:
             bar.update(item.nbytes)
     writer.close()
     types = sorted({i.qtype.name.lower() for i in items})
-    return {"tensors": len(items), "tensor_types": types, "vocab": vocab, "turns": turns, "template_checks": passed}
+    return {
+        "tensors": len(items),
+        "tensor_types": types,
+        "vocab": vocab,
+        "turns": turns,
+        "template_checks": passed,
+        "sliding_window": sliding_window(config),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ verification
@@ -603,6 +637,8 @@ def read_back_config(path: Path, config) -> list[str]:
     """Hyper-parameters that transformers' GGUF reader recovers differently from the merged model's config."""
     back = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     wrong = []
+    if config.model_type == "gpt2":  # the reader maps context_length to n_ctx, not to n_positions
+        back.n_positions = back.to_dict().get("n_ctx", back.n_positions)
     for key in CONFIG_KEYS:
         want, got = getattr(config, key, None), getattr(back, key, None)
         if want is not None and got is not None and not math.isclose(float(want), float(got), rel_tol=1e-6):
@@ -613,12 +649,31 @@ def read_back_config(path: Path, config) -> list[str]:
     return wrong
 
 
+def sliding_window(config) -> int | None:
+    """Mistral's attention window, which llama.cpp's llama graph does not apply (it attends to the whole context)."""
+    window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    return window if window and window < config.max_position_embeddings else None
+
+
+def reader_config(config):
+    """The config transformers reads the file with: gguf-py has no `mistral` architecture, so a Mistral file reads as
+    the Llama it is in llama.cpp (same weights, whole-context attention)."""
+    if config.model_type != "mistral":
+        return config
+    dropped = ("model_type", "sliding_window", "architectures", "transformers_version")
+    return LlamaConfig(**{k: v for k, v in config.to_dict().items() if k not in dropped})
+
+
 def verify_full(path: Path, model_dir: Path, config, prompts: list[torch.Tensor]) -> dict:
     """Logits of the file as transformers reads it back vs the merged model, both computing in fp32."""
+    window = sliding_window(config)
+    prompts = [p[:window] for p in prompts] if window else prompts  # beyond the window the two differ by design
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     expected = logits_on(reference, prompts)
     del reference
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, config=reader_config(config), dtype=torch.float32
+    )
     figures = compare(expected, logits_on(loaded, prompts))
     return {**figures, "config_mismatches": read_back_config(path, config)}
 
@@ -793,6 +848,7 @@ def entry(written: dict, qtype: str, path: Path, seconds: float, verify: str) ->
             "matches_chat_template_on": written["template_checks"],
         },
         "verify": verify,
+        "sliding_window_not_applied": written["sliding_window"],
     }
 
 

@@ -361,7 +361,7 @@ def check_disk(out: Path, needed: int) -> None:
     free = shutil.disk_usage(parent).free
     if free < needed * 1.02 + (64 << 20):
         raise UserError(
-            f"not enough disk space in {parent}: the merged model needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB "
+            f"not enough disk space in {parent}: the output needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB "
             "are free; free some space or pass --out on another disk"
         )
 

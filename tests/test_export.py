@@ -1,0 +1,392 @@
+"""GGUF export: the file llama.cpp and Ollama read carries the model's hyper-parameters, tokenizer and chat template,
+and computes what the merged model computes (read back by transformers here; by llama.cpp itself in the slow test)."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEMO_DATA
+from gguf import GGUFReader
+from tiny_models import CHAT_TEMPLATE, SPECIAL, build_tokenizer, corpus_lines
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+import qlora_pipe.export as export_module
+from qlora_pipe import UserError, cli
+from qlora_pipe.config import load_recipe
+from qlora_pipe.export import (
+    MODELFILE,
+    Turns,
+    checked_turns,
+    export,
+    go_template,
+    merge_scores,
+    permute_rotary,
+    strip_bos,
+    unpermute_rotary,
+)
+from qlora_pipe.run import EXPORT_REPORT
+from qlora_pipe.train import train
+
+ARCHS = ("llama", "mistral", "qwen2", "gpt2")
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world!  Two spaces, digits 1234567 and café naïve.\nA new line\n\n\tand a tab",
+    "<|im_start|>user\nSay yes.<|im_end|>\n<|im_start|>assistant\n",
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    """exported(arch, qtype, verify) -> the GGUF file of the tiny model of `arch` (written once per module)."""
+    cache: dict[tuple, Path] = {}
+
+    def get(arch: str, qtype: str = "f16", verify: str = "full") -> Path:
+        key = (arch, qtype, verify)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"gguf-{arch}") / f"{arch}-{qtype}.gguf"
+            cache[key] = export(tiny_model(arch), qtype=qtype, out=out, verify=verify)
+        return cache[key]
+
+    return get
+
+
+def report_of(path: Path) -> dict:
+    return json.loads((path.parent / EXPORT_REPORT).read_text())[path.name]
+
+
+def field(reader: GGUFReader, key: str):
+    return reader.fields[key].contents()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gguf_read_back_by_transformers_matches_the_model(arch, exported):
+    report = report_of(exported(arch))
+    assert report["passed"] and report["verify"] == "full"
+    assert report["figures"]["relative_error"] <= 2e-3
+    assert report["figures"]["top1_agreement"] >= 0.99
+    assert report["figures"]["config_mismatches"] == []
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gguf_metadata_carries_hyperparameters_tokenizer_and_template(arch, exported, tiny_model):
+    reader = GGUFReader(exported(arch))
+    model_dir = tiny_model(arch)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    config = AutoModelForCausalLM.from_pretrained(model_dir).config
+    name = GGUF_ARCH[arch]
+    assert field(reader, "general.architecture") == name
+    layers = config.n_layer if arch == "gpt2" else config.num_hidden_layers
+    assert field(reader, f"{name}.block_count") == layers
+    assert field(reader, f"{name}.embedding_length") == (config.n_embd if arch == "gpt2" else config.hidden_size)
+    if arch != "gpt2":
+        assert field(reader, f"{name}.attention.head_count_kv") == config.num_key_value_heads
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"  # the tiny tokenizers split with GPT-2's regex
+    ids = list(range(min(len(tok), config.vocab_size)))  # Qwen2Tokenizer adds one token past the embeddings
+    assert field(reader, "tokenizer.ggml.tokens") == tok.convert_ids_to_tokens(ids)
+    assert len(field(reader, "tokenizer.ggml.merges")) > 0
+    assert field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
+    assert field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert field(reader, "tokenizer.ggml.padding_token_id") == tok.pad_token_id
+    assert field(reader, "tokenizer.chat_template") == tok.chat_template
+    control = {i for i, t in enumerate(field(reader, "tokenizer.ggml.token_type")) if t == 3}
+    assert control == {i for i in tok.all_special_ids if i < config.vocab_size}
+    names = {t.name for t in reader.tensors}
+    assert ("output.weight" in names) == (not config.tie_word_embeddings)
+    assert not any(n.endswith("attn.bias") and "attn_" not in n for n in names)
+
+
+def test_f32_is_exact_and_q8_0_keeps_the_top_token_at_half_the_size(exported):
+    f32, f16, q8 = (report_of(exported("llama", t)) for t in ("f32", "f16", "q8_0"))
+    assert f32["figures"]["relative_error"] <= 1e-5
+    assert q8["passed"] and q8["figures"]["top1_agreement"] >= 0.9
+    assert q8["bytes"] < 0.6 * f16["bytes"] < 0.31 * f32["bytes"]
+    assert q8["tensor_types"] == ["f32", "q8_0"]  # 1-D tensors stay f32
+
+
+def test_streaming_read_back_checks_every_tensor(exported):
+    path = exported("qwen2", "f16", verify="tensors")
+    report = report_of(path)
+    assert report["passed"] and report["verify"] == "tensors"
+    assert report["figures"]["tensors"] == len(GGUFReader(path).tensors)
+    assert 0 < report["figures"]["max_tensor_relative_error"] <= 1e-3
+
+
+def rope_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding: dimension i pairs with i + d/2."""
+    half = x.shape[-1] // 2
+    cos, sin = torch.cos(angles).repeat(2), torch.sin(angles).repeat(2)
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def rope_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's rotary embedding for the llama graph: dimensions 2i and 2i+1 pair."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2)
+
+
+def test_rotary_permutation_turns_transformers_rope_into_llama_cpp_rope():
+    heads, dim, hidden = 4, 16, 32
+    weight, x = torch.randn(heads * dim, hidden, dtype=torch.float64), torch.randn(hidden, dtype=torch.float64)
+    angles = 7 * 10000 ** (-torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))  # position 7
+    hf = torch.stack([rope_half(q, angles) for q in (weight @ x).view(heads, dim)])
+    cpp = torch.stack([rope_pairs(q, angles) for q in (permute_rotary(weight, heads) @ x).view(heads, dim)])
+    # Same rotated vectors, only laid out differently: attention scores (q·k) are the same in both.
+    assert torch.allclose(unpermute_rotary(cpp.reshape(-1, 1), heads).view(heads, dim), hf)
+    assert torch.equal(unpermute_rotary(permute_rotary(weight, 2), 2), weight)
+
+
+# ------------------------------------------------------------------------------------------- chained from a run
+@pytest.fixture(scope="module")
+def trained_run(tiny_model, tmp_path_factory) -> Path:
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("export-run")
+    recipe = {
+        "model": {"base": str(tiny_model("llama")), "compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval": str(DEMO_DATA / "eval.jsonl"), "max_seq_length": 96},
+        "train": {"max_steps": 2, "batch_size": 4, "grad_accumulation": 1, "logging_steps": 1, "save_steps": 100},
+        "output_dir": str(tmp / "run"),
+    }
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return train(load_recipe(tmp / "recipe.yaml"))
+
+
+def test_export_of_a_run_merges_first_and_chains_through_the_manifest(trained_run, capsys):
+    assert cli.main(["export", str(trained_run), "--type", "f32"]) == 0
+    assert "ollama create NAME -f" in capsys.readouterr().out
+    assert (trained_run / "merged" / "manifest.json").is_file()  # merged, verified, then exported
+    assert cli.main(["export", str(trained_run / "merged"), "--type", "f16"]) == 0
+    out = trained_run / "gguf"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "export" and manifest["source_run"] == str(trained_run.resolve())
+    assert sorted(manifest["files"]) == ["run-f16.gguf", "run-f32.gguf"]
+    f32 = report_of(out / "run-f32.gguf")
+    assert f32["figures"]["relative_error"] <= 1e-5
+    assert f32["figures"]["positions"] > 100  # the run's held-out examples, not the fixed probe texts
+    assert (out / MODELFILE).read_text().startswith("FROM ./run-f16.gguf\n")
+    assert not list(out.glob(".*tmp"))
+
+
+def test_a_failed_check_leaves_no_file(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(export_module.LIMITS, "f16", {"relative_error": 0.0, "top1_agreement": 1.0})
+    out = tmp_path / "m.gguf"
+    with pytest.raises(UserError, match="does not compute what"):
+        export(tiny_model("gpt2"), out=out)
+    assert not out.exists() and not list(tmp_path.glob(".*tmp"))
+    assert report_of(out)["passed"] is False
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+def retokenized(model_dir: Path, dest: Path, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A copy of a tiny model whose tokenizer is replaced (the vocabulary fits in its embeddings)."""
+    shutil.copytree(model_dir, dest)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (dest / name).unlink(missing_ok=True)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def split_tokenizer(pattern: str, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE that splits with `pattern` first, as Llama 3 and Qwen2 tokenizers do."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = list(SPECIAL.values())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
+    tok.train_from_iterator(corpus_lines(DEMO_DATA / "train.jsonl"), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE, **fast_specials())
+
+
+def fast_specials() -> dict:
+    return {
+        "bos_token": SPECIAL["bos"],
+        "eos_token": SPECIAL["eos"],
+        "pad_token": SPECIAL["pad"],
+        "additional_special_tokens": [SPECIAL["start"]],
+    }
+
+
+def sentencepiece_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Llama 2 / Mistral style: BPE with byte fallback, spaces as ▁ and one prepended."""
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(
+        corpus_lines(DEMO_DATA / "train.jsonl"), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+@pytest.mark.parametrize(("pattern", "pre"), [(LLAMA3_SPLIT, "llama-bpe"), (QWEN2_SPLIT, "qwen2")])
+def test_the_pre_tokenizer_is_read_from_the_split_regex(pattern, pre, tiny_model, tmp_path):
+    model_dir = retokenized(tiny_model("llama"), tmp_path / "m", split_tokenizer(pattern, 512))
+    out = export(model_dir, out=tmp_path / "m.gguf", verify="none")
+    assert field(GGUFReader(out), "tokenizer.ggml.pre") == pre
+
+
+def test_a_pre_tokenizer_llama_cpp_lacks_is_refused(tiny_model, tmp_path):
+    model_dir = retokenized(tiny_model("llama"), tmp_path / "m", split_tokenizer(r"\w+|[^\w\s]+", 512))
+    with pytest.raises(UserError, match=r"splits text with \['\\\\w\+\|\[\^\\\\w\\\\s\]\+'\]; llama.cpp implements"):
+        export(model_dir, out=tmp_path / "m.gguf", verify="none")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_sentencepiece_tokenizers_get_scores_that_reproduce_the_merge_order(tiny_model, tmp_path):
+    tok = sentencepiece_tokenizer(512)
+    model_dir = retokenized(tiny_model("llama"), tmp_path / "m", tok)
+    reader = GGUFReader(export(model_dir, out=tmp_path / "m.gguf", verify="none"))
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    assert field(reader, "tokenizer.ggml.add_space_prefix") is True
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert [types[tok.convert_tokens_to_ids(f"<0x{i:02X}>")] for i in (0, 65, 255)] == [6, 6, 6]  # BYTE
+    assert types[tok.unk_token_id] == 2  # UNKNOWN
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    scores, merges = field(reader, "tokenizer.ggml.scores"), spec["model"]["merges"]
+    first, later = ("".join(m.split(" ") if isinstance(m, str) else m) for m in (merges[0], merges[-1]))
+    assert scores[tok.convert_tokens_to_ids(first)] > scores[tok.convert_tokens_to_ids(later)]
+    assert merge_scores(spec, [first, "a"]) == [0.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------------- Ollama template
+def chat_tokenizer(template: str) -> PreTrainedTokenizerFast:
+    tok = build_tokenizer(corpus_lines(DEMO_DATA / "train.jsonl"), 512)
+    tok.chat_template = template
+    return tok
+
+
+def trl_template(name: str) -> str:
+    return (importlib.resources.files("trl") / "chat_templates" / f"{name}.jinja").read_text()
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen2_5", "llama3", "phi3"])
+def test_ollama_template_renders_what_the_chat_template_renders(name):
+    tok = chat_tokenizer(CHAT_TEMPLATE if name == "chatml" else trl_template(name))
+    turns, passed = checked_turns(tok)
+    assert turns is not None
+    assert {"user", "user+assistant+user"} <= set(passed)
+    assert (turns.system is not None) == ("system+user" in passed)
+    convo = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]
+    convo.append({"role": "user", "content": "Bye"})
+    assert turns.render(convo) == tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+    go = go_template(turns)
+    assert go.count("{{") == go.count("}}") and '.Role "user"' in go and '.Role "assistant"' in go
+
+
+def test_a_template_that_folds_the_system_message_into_a_turn_drops_system_messages():
+    mistral_like = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] %}"
+        "{% elif m['role'] == 'user' %}"
+        "{{ '[INST] ' + ((sys + '\\n\\n') if sys is defined and loop.index == 2 else '') "
+        "+ m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+    )
+    tok = chat_tokenizer(mistral_like)
+    turns, passed = checked_turns(tok)
+    assert turns is not None and turns.system is None and "system+user" not in passed
+    assert strip_bos(turns, tok, add_bos=True).head == ""
+
+
+def test_go_literals_survive_braces_and_trimming():
+    turns = Turns(head="", system=None, user=("{{user}}\n", "\n"), assistant=("A: ", "\n\n"))
+    go = go_template(turns)
+    assert '{{ "{{user}}\\n" }}' in go and '{{ "\\n\\n" }}' in go
+
+
+# ------------------------------------------------------------------------------------------- llama.cpp itself
+LLAMA_CPP = "0.3.36"
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama-cpp-python built from its source package once per machine (a few minutes), then cached."""
+    if not shutil.which("cmake") or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("building llama.cpp needs cmake and a C++ compiler")
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    cache = cache_home / "qlora_pipe" / f"llama-cpp-python-{LLAMA_CPP}"
+    if not (cache / "llama_cpp").is_dir():
+        partial = cache.with_name(cache.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial)]
+        built = subprocess.run([*pip, f"llama-cpp-python=={LLAMA_CPP}", "diskcache"], capture_output=True, text=True)
+        if built.returncode:
+            pytest.skip(f"llama-cpp-python did not build: {built.stderr.strip().splitlines()[-1:]}")
+        partial.rename(cache)
+    sys.path.append(str(cache))
+    import llama_cpp
+
+    return llama_cpp
+
+
+def llama_cpp_logits(llama_cpp, path: Path, ids: list[int]) -> torch.Tensor:
+    # f32 K/V cache: llama.cpp's default f16 cache alone moves logits by ~1e-3
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False, type_k=0, type_v=0)
+    try:
+        llm.eval(ids)
+        return torch.tensor(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+
+
+def llama_cpp_tokens(llama_cpp, path: Path, texts) -> list[list[int]]:
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    try:
+        return [llm.tokenize(t.encode(), add_bos=True, special=True) for t in texts]
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_cpp_computes_what_the_model_computes(arch, llama_cpp, exported, tiny_model):
+    path, model_dir = exported(arch, "f32"), tiny_model(arch)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert llama_cpp_tokens(llama_cpp, path, PROMPTS) == [tok(t).input_ids for t in PROMPTS]
+    ids = tok(PROMPTS[0] + " " + PROMPTS[1]).input_ids[:60]  # inside Mistral's 64-token sliding window
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    got = llama_cpp_logits(llama_cpp, path, ids)
+    assert ((got - want).norm() / want.norm()).item() <= 1e-4
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "sentencepiece"])
+def test_llama_cpp_tokenizes_as_the_hf_tokenizer(kind, llama_cpp, tiny_model, tmp_path):
+    tok = {
+        "llama3": lambda: split_tokenizer(LLAMA3_SPLIT, 512),
+        "qwen2": lambda: split_tokenizer(QWEN2_SPLIT, 512),
+        "sentencepiece": lambda: sentencepiece_tokenizer(512),
+    }[kind]()
+    model_dir = retokenized(tiny_model("llama"), tmp_path / "m", tok)
+    path = export(model_dir, out=tmp_path / "m.gguf", verify="none")
+    texts = [*PROMPTS[:2], "Numbers 12345678 and 3.14; CAPS and MiXeD, don't won't I'M", "  leading spaces"]
+    hf = [AutoTokenizer.from_pretrained(model_dir)(t).input_ids for t in texts]
+    assert llama_cpp_tokens(llama_cpp, path, texts) == hf

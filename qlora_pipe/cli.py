@@ -626,6 +626,7 @@ def quiet_libraries(terminal: bool) -> None:
     # bitsandbytes announces an optional CPU kernel package at import on every run; it is not an error.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer logs its file plan and endianness at INFO
     # Without network the hub client warns of every failed request before the error we report.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -388,6 +388,16 @@ def prepends_space(spec: dict) -> bool:
     return any(p.get("type") == "Prepend" for p in parts)
 
 
+def adds_specials(tokenizer) -> tuple[bool, bool]:
+    """Whether encoding a text puts bos in front and eos at the end."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    ids = tokenizer("a").input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    add_bos = bos is not None and len(ids) > len(plain) and ids[0] == bos
+    add_eos = eos is not None and len(ids) > len(plain) and ids[-1] == eos
+    return add_bos, add_eos
+
+
 def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, n_vocab: int, eot: int | None) -> Vocab:
     vocab = vocab_of(model_dir, tokenizer, n_vocab)
     writer.add_tokenizer_model(vocab.model)
@@ -402,6 +412,11 @@ def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, n_vocab
     # Merges, bos/eos/unk/pad ids, add_bos/add_eos and the chat template, read as llama.cpp's converter reads them.
     special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=n_vocab)
     special.add_to_gguf(writer, quiet=True)
+    # Whether bos/eos are added comes from what the tokenizer does: when the key is absent, llama.cpp guesses by
+    # tokenizer type (bos for SentencePiece and Llama 3, none for GPT-2), which need not be what this tokenizer does.
+    add_bos, add_eos = adds_specials(tokenizer)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
     if eot is not None:
         writer.add_eot_token_id(eot)
     return vocab
@@ -581,10 +596,9 @@ def modelfile(gguf_name: str, turns: Turns | None, stops: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def write_gguf(path: Path, model_dir: Path, config, tokenizer, qtype: str, name: str) -> dict:
+def write_gguf(path: Path, model_dir: Path, config, tokenizer, qtype: str, items: list[Item]) -> dict:
     """Stream the checkpoint into one GGUF file: metadata first, then each tensor as it is read."""
     family = family_of(config)
-    items = plan_tensors(model_dir, config, family, qtype)
     if sliding_window(config):
         logger.warning(
             "llama.cpp runs Mistral on its llama graph, which attends to the whole context: beyond the sliding window "
@@ -592,7 +606,7 @@ def write_gguf(path: Path, model_dir: Path, config, tokenizer, qtype: str, name:
             sliding_window(config),
         )
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[family.arch])
-    writer.add_name(name)
+    writer.add_name(path.name.removeprefix(".").removesuffix(".gguf.tmp"))
     write_hyperparameters(writer, config, qtype)
     turns, passed = checked_turns(tokenizer) if tokenizer.chat_template else (None, [])
     vocab = write_tokenizer(writer, model_dir, tokenizer, config.vocab_size, end_of_turn(tokenizer, turns))
@@ -807,14 +821,14 @@ def export(
     check_out(out)
     config = AutoConfig.from_pretrained(source.model_dir)
     check_causal_lm(config, source)
-    family_of(config)
+    items = plan_tensors(source.model_dir, config, family_of(config), qtype)
     tokenizer = load_tokenizer(str(source.model_dir))
     verify = choose_verify(verify, source.model_dir)
-    check_disk(out, sum(r.nbytes for r in read_index(checkpoint_files(source.model_dir))))
+    check_disk(out, sum(i.nbytes for i in items) + (64 << 20))  # and the tokenizer, a few MB
     tmp = out.with_name(f".{out.name}.tmp")
     started = time.perf_counter()
     try:
-        written = write_gguf(tmp, source.model_dir, config, tokenizer, qtype, name=out.stem)
+        written = write_gguf(tmp, source.model_dir, config, tokenizer, qtype, items)
         report = entry(written, qtype, tmp, time.perf_counter() - started, verify)
         if verify != "none":
             report |= check_file(tmp, source, config, tokenizer, qtype, verify)
@@ -871,7 +885,7 @@ def record(out: Path, source: Source, report: dict, written: dict, tokenizer) ->
     write_json(path, reports)
     if not report.get("passed", True):
         return
-    turns = strip_bos(written["turns"], tokenizer, bool(getattr(tokenizer, "add_bos_token", False)))
+    turns = strip_bos(written["turns"], tokenizer, adds_specials(tokenizer)[0])
     (out.parent / MODELFILE).write_text(modelfile(out.name, turns, stop_words(tokenizer, written["turns"])))
     files = sorted(p.name for p in out.parent.glob("*.gguf"))
     write_manifest(

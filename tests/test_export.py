@@ -16,7 +16,7 @@ import torch
 from conftest import DEMO_DATA
 from gguf import GGUFReader
 from tiny_models import CHAT_TEMPLATE, SPECIAL, build_tokenizer, corpus_lines
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import qlora_pipe.export as export_module
@@ -180,6 +180,13 @@ def test_export_of_a_run_merges_first_and_chains_through_the_manifest(trained_ru
     assert not list(out.glob(".*tmp"))
 
 
+def test_k_quants_are_refused_with_the_types_offered(tiny_model, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["export", str(tiny_model("llama")), "--type", "q4_k_m"])
+    assert stop.value.code == 2
+    assert "invalid choice: 'q4_k_m' (choose from 'f32', 'f16', 'bf16', 'q8_0')" in capsys.readouterr().err
+
+
 def test_a_failed_check_leaves_no_file(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setitem(export_module.LIMITS, "f16", {"relative_error": 0.0, "top1_agreement": 1.0})
     out = tmp_path / "m.gguf"
@@ -236,6 +243,7 @@ def sentencepiece_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tok.train_from_iterator(
         corpus_lines(DEMO_DATA / "train.jsonl"), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
     )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # bos first
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -266,6 +274,10 @@ def test_sentencepiece_tokenizers_get_scores_that_reproduce_the_merge_order(tiny
     reader = GGUFReader(export(model_dir, out=tmp_path / "m.gguf", verify="none"))
     assert field(reader, "tokenizer.ggml.model") == "llama"
     assert field(reader, "tokenizer.ggml.add_space_prefix") is True
+    assert (
+        field(reader, "tokenizer.ggml.add_bos_token") is True
+        and field(reader, "tokenizer.ggml.add_eos_token") is False
+    )
     types = field(reader, "tokenizer.ggml.token_type")
     assert [types[tok.convert_tokens_to_ids(f"<0x{i:02X}>")] for i in (0, 65, 255)] == [6, 6, 6]  # BYTE
     assert types[tok.unk_token_id] == 2  # UNKNOWN
@@ -373,7 +385,8 @@ def test_llama_cpp_computes_what_the_model_computes(arch, llama_cpp, exported, t
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(torch.tensor([ids])).logits[0]
     got = llama_cpp_logits(llama_cpp, path, ids)
-    assert ((got - want).norm() / want.norm()).item() <= 1e-4
+    limit = 1e-3 if arch == "gpt2" else 1e-4  # llama.cpp's GELU reads an fp16 table (GGML_GELU_FP16)
+    assert ((got - want).norm() / want.norm()).item() <= limit
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 

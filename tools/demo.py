@@ -1,7 +1,7 @@
 """`make demo`: the whole chain on this CPU with a tiny local model — build it, check the data, train, merge,
-evaluate, generate, summarise.
+evaluate, generate, export to GGUF, summarise.
 
-Runs the same commands a user types (`qlora-pipe check-data/train/merge/eval/generate`), in one process.
+Runs the same commands a user types (`qlora-pipe check-data/train/merge/eval/generate/export`), in one process.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main_demo() -> None:
     run("merge", str(out))
     run("eval", str(out / "merged"), "--out", str(out / "merged_eval.json"))
     run("generate", str(out / "merged"), "--prompt", PROMPT, "--max-new-tokens", "8")
+    run("export", str(out), "--format", "gguf", "--type", "f16")
 
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     report = json.loads((out / "merged" / "merge_report.json").read_text())
@@ -67,7 +68,12 @@ def main_demo() -> None:
         f"label exact match {evaluation['exact_match']:.3f}"
     )
     print(f"generation   {PROMPT!r}\n          →  {answer!r}")
-    print(f"outputs      adapter {out / 'adapter'}, merged model {out / 'merged'}, log {out / 'train_log.jsonl'}")
+    gguf = json.loads((out / "gguf" / "export_report.json").read_text())[f"{out.name}-f16.gguf"]
+    print(
+        f"gguf f16     {gguf['bytes'] / 1e6:.1f} MB, read back vs merged: relative error "
+        f"{gguf['figures']['relative_error']:.2e}, top-1 agreement {gguf['figures']['top1_agreement']:.4f}"
+    )
+    print(f"outputs      adapter {out / 'adapter'}, merged model {out / 'merged'}, GGUF and Modelfile {out / 'gguf'}")
     print(f"time         {time.monotonic() - start:.0f} s")
     if drop < 0.3:
         sys.exit("demo failed: the eval loss did not fall clearly")

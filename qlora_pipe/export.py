@@ -596,7 +596,7 @@ def modelfile(gguf_name: str, turns: Turns | None, stops: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def write_gguf(path: Path, model_dir: Path, config, tokenizer, qtype: str, items: list[Item]) -> dict:
+def write_gguf(path: Path, model_dir: Path, config, tokenizer, qtype: str, items: list[Item], name: str) -> dict:
     """Stream the checkpoint into one GGUF file: metadata first, then each tensor as it is read."""
     family = family_of(config)
     if sliding_window(config):
@@ -606,7 +606,7 @@ def write_gguf(path: Path, model_dir: Path, config, tokenizer, qtype: str, items
             sliding_window(config),
         )
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[family.arch])
-    writer.add_name(path.name.removeprefix(".").removesuffix(".gguf.tmp"))
+    writer.add_name(name)
     write_hyperparameters(writer, config, qtype)
     turns, passed = checked_turns(tokenizer) if tokenizer.chat_template else (None, [])
     vocab = write_tokenizer(writer, model_dir, tokenizer, config.vocab_size, end_of_turn(tokenizer, turns))
@@ -693,20 +693,25 @@ def verify_full(path: Path, model_dir: Path, config, prompts: list[torch.Tensor]
 
 
 def verify_tensors(path: Path, model_dir: Path, config, qtype: str) -> dict:
-    """Each tensor read back with gguf's reader, its layout undone, against the checkpoint (memory: one tensor)."""
+    """Each tensor read back from the file, its layout undone, against the checkpoint (memory: one tensor)."""
     family = family_of(config)
     items = {i.name: i for i in plan_tensors(model_dir, config, family, qtype)}
     worst, worst_name = 0.0, None
-    for tensor in tqdm(gguf.GGUFReader(path).tensors, desc="reading back", dynamic_ncols=True):
-        item = items[tensor.name]
-        if item.ref is None:
-            continue
-        got = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
-        got = checkpoint_layout(got.reshape(item.shape), item, config, family)
-        want = read_tensor(item.ref).float()
-        error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-        if error >= worst:
-            worst, worst_name = error, item.ref.key
+    # The reader gives names, types and offsets; the bytes are read one tensor at a time, because its memory map
+    # would keep every page it touched resident (the whole file, by the end).
+    with path.open("rb") as f:
+        for tensor in tqdm(gguf.GGUFReader(path).tensors, desc="reading back", dynamic_ncols=True):
+            item = items[tensor.name]
+            if item.ref is None:
+                continue
+            f.seek(tensor.data_offset)
+            raw = np.frombuffer(f.read(int(tensor.n_bytes)), dtype=np.uint8).reshape(item.shape[0], -1)
+            got = torch.from_numpy(gguf.quants.dequantize(raw, tensor.tensor_type).astype(np.float32))
+            got = checkpoint_layout(got.reshape(item.shape), item, config, family)
+            want = read_tensor(item.ref).float()
+            error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+            if error >= worst:
+                worst, worst_name = error, item.ref.key
     return {"max_tensor_relative_error": worst, "worst_tensor": worst_name, "tensors": len(items)}
 
 
@@ -828,7 +833,7 @@ def export(
     tmp = out.with_name(f".{out.name}.tmp")
     started = time.perf_counter()
     try:
-        written = write_gguf(tmp, source.model_dir, config, tokenizer, qtype, items)
+        written = write_gguf(tmp, source.model_dir, config, tokenizer, qtype, items, name=out.stem)
         report = entry(written, qtype, tmp, time.perf_counter() - started, verify)
         if verify != "none":
             report |= check_file(tmp, source, config, tokenizer, qtype, verify)
@@ -887,13 +892,13 @@ def record(out: Path, source: Source, report: dict, written: dict, tokenizer) ->
         return
     turns = strip_bos(written["turns"], tokenizer, adds_specials(tokenizer)[0])
     (out.parent / MODELFILE).write_text(modelfile(out.name, turns, stop_words(tokenizer, written["turns"])))
-    files = sorted(p.name for p in out.parent.glob("*.gguf"))
+    files = {name: r for name, r in reports.items() if (out.parent / name).is_file() and r.get("passed", True)}
     write_manifest(
         out.parent,
         "export",
         source=str(source.model_dir.resolve()),
         source_run=str(source.run_dir.resolve()) if source.run_dir else None,
         format="gguf",
-        files={name: reports.get(name) for name in files},
+        files=files,
         modelfile={"from": out.name},
     )

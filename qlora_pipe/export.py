@@ -783,6 +783,8 @@ def resolve_source(path: Path) -> Source:
         return Source(path, run_dir, recipe)
     if stage is not None:
         raise UserError(f"{path}: the output of `qlora-pipe {stage}`; export takes a run, merged or model directory")
+    if (path / "adapter_config.json").is_file():
+        raise UserError(f"{path}: a LoRA adapter; export the run it belongs to (merged first), or a merged model")
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json and no manifest.json; it is neither a run nor a model directory")
     return Source(path)

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_merge import SHAPES, base_tensors, make_base  # noqa: E402
+from bench_merge import SHAPES, base_tensors, make_base, measure  # noqa: E402
 
 COPY = """
 import shutil, sys
@@ -33,21 +30,6 @@ dst.mkdir(parents=True, exist_ok=True)
 for f in sorted(src.glob("*.safetensors")):
     shutil.copyfile(f, dst / f.name)
 """
-
-
-def measure(label: str, argv: list[str], out: Path, pattern: str) -> dict:
-    """Run argv in a child process; wall time, bytes written under `out`, peak RSS of that child (wait4)."""
-    start = time.monotonic()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.monotonic() - start
-    if status != 0:
-        sys.exit(f"{label} failed: {child.stderr.read()[-2000:]}")
-    written = sum(f.stat().st_size for f in out.glob(pattern))
-    result = {"wall_s": wall, "written_gb": written / 1e9, "peak_rss_gib": usage.ru_maxrss * 1024 / 2**30}
-    for key, value in result.items():
-        print(f"{label:<32} {key:<14} {value:10.2f}", flush=True)
-    return result
 
 
 def main() -> None:

@@ -149,15 +149,16 @@ def make_run(run: Path, base: Path, s: dict, rank: int = 16) -> None:
     write_manifest(run, "train", recipe=recipe, adapter="adapter", base=base_facts, quantization=quantization)
 
 
-def measure(label: str, argv: list[str], out: Path) -> dict:
-    """Run argv in a child process; wall time, bytes written under `out`, peak RSS of that child (wait4)."""
+def measure(label: str, argv: list[str], out: Path, pattern: str = "*.safetensors") -> dict:
+    """Run argv in a child process; wall time, bytes written under `out` (files matching `pattern`), peak RSS of
+    that child (wait4)."""
     start = time.monotonic()
     child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.monotonic() - start
     if status != 0:
         sys.exit(f"{label} failed: {child.stderr.read()[-2000:]}")
-    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    written = sum(f.stat().st_size for f in out.glob(pattern))
     result = {
         "wall_s": wall,
         "written_gb": written / 1e9,
@@ -165,7 +166,7 @@ def measure(label: str, argv: list[str], out: Path) -> dict:
         "peak_rss_gib": usage.ru_maxrss * 1024 / 2**30,
     }
     for key, value in result.items():
-        print(f"{label:<28} {key:<14} {value:10.2f}", flush=True)
+        print(f"{label:<34} {key:<14} {value:10.2f}", flush=True)
     return result
 
 

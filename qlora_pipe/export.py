@@ -692,10 +692,10 @@ def verify_full(path: Path, model_dir: Path, config, prompts: list[torch.Tensor]
     return {**figures, "config_mismatches": read_back_config(path, config)}
 
 
-def verify_tensors(path: Path, model_dir: Path, config, qtype: str) -> dict:
+def verify_tensors(path: Path, items: list[Item], config) -> dict:
     """Each tensor read back from the file, its layout undone, against the checkpoint (memory: one tensor)."""
     family = family_of(config)
-    items = {i.name: i for i in plan_tensors(model_dir, config, family, qtype)}
+    items = {i.name: i for i in items}
     worst, worst_name = 0.0, None
     # The reader gives names, types and offsets; the bytes are read one tensor at a time, because its memory map
     # would keep every page it touched resident (the whole file, by the end).
@@ -838,7 +838,7 @@ def export(
         written = write_gguf(tmp, source.model_dir, config, tokenizer, qtype, items, name=out.stem)
         report = entry(written, qtype, tmp, time.perf_counter() - started, verify)
         if verify != "none":
-            report |= check_file(tmp, source, config, tokenizer, qtype, verify)
+            report |= check_file(tmp, source, config, tokenizer, items, qtype, verify)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -873,12 +873,12 @@ def entry(written: dict, qtype: str, path: Path, seconds: float, verify: str) ->
     }
 
 
-def check_file(path: Path, source: Source, config, tokenizer, qtype: str, verify: str) -> dict:
+def check_file(path: Path, source: Source, config, tokenizer, items: list[Item], qtype: str, verify: str) -> dict:
     if verify == "full":
         figures = verify_full(path, source.model_dir, config, probe_prompts(source, tokenizer))
         reference = "merged model vs the GGUF read back by transformers, fp32 logits on held-out examples"
     else:
-        figures = verify_tensors(path, source.model_dir, config, qtype)
+        figures = verify_tensors(path, items, config)
         reference = "each tensor read back by gguf's reader vs the merged checkpoint"
     limits, passed = judge(verify, figures, qtype)
     return {"reference": reference, "figures": figures, "limits": limits, "passed": passed}

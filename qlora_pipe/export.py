@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from qlora_pipe import UserError
 from qlora_pipe.config import GGUF_TYPES, Recipe
 from qlora_pipe.manifest import MANIFEST, read_manifest, write_json, write_manifest
-from qlora_pipe.merge import check_disk, compare, logits_on, merge, report_prompts
+from qlora_pipe.merge import check_disk, compare, fits_in_half_the_free_ram, logits_on, merge, report_prompts
 from qlora_pipe.model import load_tokenizer
 from qlora_pipe.run import EXPORT_DIR, EXPORT_REPORT, MERGED, RUN_STAGES, load_run
 from qlora_pipe.shards import TensorRef, checkpoint_files, read_index, read_tensor
@@ -245,6 +245,15 @@ def plan_tensors(model_dir: Path, config, family: Family, qtype: str) -> list[It
     return items
 
 
+def rotary_heads(item: Item, config, family: Family) -> int | None:
+    """The head count whose rows a q/k projection is permuted by, or None for every other tensor."""
+    if family.rope_permute and item.name.endswith(("attn_q.weight", "attn_q.bias")):
+        return config.num_attention_heads
+    if family.rope_permute and item.name.endswith(("attn_k.weight", "attn_k.bias")):
+        return config.num_key_value_heads or config.num_attention_heads
+    return None
+
+
 def gguf_tensor(item: Item, config, family: Family) -> torch.Tensor:
     """The fp32 tensor as llama.cpp reads it (before storage quantization)."""
     if item.ref is None:
@@ -252,11 +261,8 @@ def gguf_tensor(item: Item, config, family: Family) -> torch.Tensor:
     tensor = read_tensor(item.ref).float()
     if item.ref.key.endswith(family.conv1d):
         return tensor.T.contiguous()
-    if family.rope_permute and item.name.endswith(("attn_q.weight", "attn_q.bias")):
-        return permute_rotary(tensor, config.num_attention_heads)
-    if family.rope_permute and item.name.endswith(("attn_k.weight", "attn_k.bias")):
-        return permute_rotary(tensor, config.num_key_value_heads or config.num_attention_heads)
-    return tensor
+    heads = rotary_heads(item, config, family)
+    return permute_rotary(tensor, heads) if heads else tensor
 
 
 def stored(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -716,13 +722,11 @@ def verify_tensors(path: Path, items: list[Item], config) -> dict:
 
 
 def checkpoint_layout(tensor: torch.Tensor, item: Item, config, family: Family) -> torch.Tensor:
+    """gguf_tensor undone: the layout the checkpoint stores."""
     if item.ref.key.endswith(family.conv1d):
         return tensor.T
-    if family.rope_permute and item.name.endswith(("attn_q.weight", "attn_q.bias")):
-        return unpermute_rotary(tensor, config.num_attention_heads)
-    if family.rope_permute and item.name.endswith(("attn_k.weight", "attn_k.bias")):
-        return unpermute_rotary(tensor, config.num_key_value_heads or config.num_attention_heads)
-    return tensor
+    heads = rotary_heads(item, config, family)
+    return unpermute_rotary(tensor, heads) if heads else tensor
 
 
 def judge(verify: str, figures: dict, qtype: str) -> tuple[dict, bool]:
@@ -747,13 +751,12 @@ def probe_prompts(source: Source, tokenizer) -> list[torch.Tensor]:
     return [tokenizer(t, return_tensors="pt", add_special_tokens=False).input_ids[0] for t in texts]
 
 
-def choose_verify(verify: str, model_dir: Path) -> str:
+def choose_verify(verify: str, items: list[Item]) -> str:
     """`auto`: whole models when the merged model and the read-back copy (fp32) fit in half the free RAM."""
     if verify != "auto":
         return verify
-    params = sum(math.prod(r.shape) for r in read_index(checkpoint_files(model_dir)))
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return "full" if 2 * 4 * params < available / 2 else "tensors"
+    params = sum(math.prod(i.shape) for i in items)
+    return "full" if fits_in_half_the_free_ram(2 * 4 * params) else "tensors"
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -830,7 +833,7 @@ def export(
     check_causal_lm(config, source)
     items = plan_tensors(source.model_dir, config, family_of(config), qtype)
     tokenizer = load_tokenizer(str(source.model_dir))
-    verify = choose_verify(verify, source.model_dir)
+    verify = choose_verify(verify, items)
     check_disk(out, sum(i.nbytes for i in items) + (64 << 20))  # and the tokenizer, a few MB
     tmp = out.with_name(f".{out.name}.tmp")
     started = time.perf_counter()

@@ -371,8 +371,11 @@ def choose_verify(verify: str, plan: Plan) -> str:
     if verify != "auto":
         return verify
     params = sum(math.prod(r.shape) for r in plan.refs)
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return "full" if 3 * 4 * params < available / 2 else "layers"
+    return "full" if fits_in_half_the_free_ram(3 * 4 * params) else "layers"
+
+
+def fits_in_half_the_free_ram(nbytes: int) -> bool:
+    return nbytes < os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
 
 
 def merge(

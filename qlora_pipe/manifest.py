@@ -15,7 +15,18 @@ from pathlib import Path
 from qlora_pipe import UserError, __version__
 
 MANIFEST = "manifest.json"
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "trl", "safetensors", "gguf")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "trl",
+    "safetensors",
+    "gguf",
+    "diffusers",
+)
 # A fingerprint reads this many evenly spaced chunks of each weight file, plus its size and safetensors header:
 # fine-tunes of the same architecture share the header but differ in every chunk, and hashing 14 GB would take minutes.
 FINGERPRINT_CHUNKS = 16

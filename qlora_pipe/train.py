@@ -95,7 +95,7 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
     seconds = clock.seconds()
     metrics |= {
         "train_loss_mean": result.training_loss,
-        **_loss_summary(trainer.state.log_history),
+        **loss_summary(trainer.state.log_history),
         "steps": trainer.state.global_step,
         "train_seconds": round(seconds, 2),
         "tokens_seen": trainer.state.num_input_tokens_seen,
@@ -167,7 +167,7 @@ def undo_eval_preparation(trainer) -> None:
         trainer.accelerator._models.clear()
 
 
-def _loss_summary(log_history: list[dict]) -> dict:
+def loss_summary(log_history: list[dict]) -> dict:
     losses = [r["loss"] for r in log_history if "loss" in r]
     return {"train_loss_first": losses[0], "train_loss_last": losses[-1]} if losses else {}
 
@@ -357,7 +357,7 @@ def training_args(
     """TRL's SFTConfig for causal LM (data arrives tokenized and masked, so TRL only truncates and packs), the
     transformers TrainingArguments for classification."""
     t = recipe.train
-    if recipe.task == "seq_cls":
+    if recipe.task != "causal_lm":
         cls, task_args = TrainingArguments, {}
     else:
         cls = SFTConfig

@@ -23,6 +23,7 @@ from qlora_pipe import UserError, __version__
 from qlora_pipe.config import (
     COMBINE_METHODS,
     DEVICES,
+    DIFFUSION_TASKS,
     EXPORT_FORMATS,
     EXPORT_VERIFY,
     GGUF_TYPES,
@@ -42,7 +43,10 @@ from qlora_pipe.run import (
     ADAPTER_REPORT,
     EXPORT_REPORT,
     LOFTQ_REPORT,
+    LORA_WEIGHTS,
     MERGE_REPORT,
+    VALIDATION,
+    image_run,
     is_writer,
     rank,
     world_size,
@@ -78,6 +82,9 @@ def _train(args: argparse.Namespace) -> None:
     if args.print_config:
         print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
         return
+    if recipe.task in DIFFUSION_TASKS:
+        _train_images(recipe, args.resume)
+        return
     from qlora_pipe.train import train
 
     out = train(recipe, resume=args.resume)
@@ -101,11 +108,51 @@ def _train(args: argparse.Namespace) -> None:
     print(f"next: qlora-pipe merge {out}")
 
 
+def _train_images(recipe: Recipe, resume: str) -> None:
+    from qlora_pipe.diffusion import require_diffusers
+
+    require_diffusers()
+    from qlora_pipe.train_diffusion import train
+
+    out = train(recipe, resume=resume)
+    if not is_writer():
+        return
+    metrics = read_manifest(out, "train")["metrics"]
+    print(f"\nLoRA: {out / ADAPTER / LORA_WEIGHTS}   (pipe.load_lora_weights('{out / ADAPTER}'))")
+    if "train_loss_first" in metrics:
+        print(f"train loss {metrics['train_loss_first']:.4f} → {metrics['train_loss_last']:.4f}")
+    print(
+        f"denoising loss on fixed noise {metrics['denoise_loss_before']:.4f} → {metrics['denoise_loss_after']:.4f}; "
+        f"{metrics['images_per_second']:.2f} images/s"
+    )
+    if (out / VALIDATION).is_dir():
+        print(f"validation images: {out / VALIDATION}")
+    print(f"next: qlora-pipe merge {out}   |   qlora-pipe generate {out} --prompt TEXT --out image.png")
+
+
+def _check_images(recipe: Recipe) -> None:
+    from qlora_pipe.diffusion import require_diffusers
+    from qlora_pipe.images import check_images, read_examples
+
+    require_diffusers()
+    examples, facts = read_examples(recipe)
+    report = check_images(examples, recipe.diffusion.resolution)
+    print(
+        f"{facts['train']}: {report['images']} images, shorter side {report['shorter_side_min']} to "
+        f"{report['shorter_side_max']} px (trained at {recipe.diffusion.resolution}); first prompt: "
+        f"{examples[0].text!r}"
+    )
+    print("\ndata check passed")
+
+
 def _check_data(args: argparse.Namespace) -> None:
     from qlora_pipe import model
     from qlora_pipe.data import TRAINED_CLOSE, TRAINED_OPEN, prepare_data, refusal
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.task in DIFFUSION_TASKS:
+        _check_images(recipe)
+        return
     tokenizer, prepared, checked = prepare_data(recipe, model.check_base(recipe.model.base, recipe.model.allow_pickle))
     mask = "assistant turns" if prepared.assistant_only_loss else "completions" if prepared.format != "text" else "all"
     print(
@@ -149,6 +196,11 @@ def _estimate(args: argparse.Namespace) -> None:
     from qlora_pipe.shards import parse_size
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.task in DIFFUSION_TASKS:
+        raise UserError(
+            f"estimate predicts the memory of language-model training; task {recipe.task} is not covered (SD 2.1 LoRA "
+            "at 512 px, batch 1, fits in 12 GB in full precision: README, Stable Diffusion LoRA)"
+        )
     try:
         limit = parse_size(args.gpu_mem)
     except ValueError as e:
@@ -210,6 +262,9 @@ def _estimate(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
+    if image_run(args.run_dir):
+        _merge_images(args)
+        return
     from qlora_pipe.merge import merge
 
     out = merge(
@@ -234,6 +289,24 @@ def _merge(args: argparse.Namespace) -> None:
             numbers = f"worst layer relative error {n['max_relative_error']:.3g} over {n['layers']} layers"
         print(f"{mode:>12} ({mark}) vs the trained base + adapter: {numbers}")
     print(f"merged model: {out}")
+
+
+def _merge_images(args: argparse.Namespace) -> None:
+    from qlora_pipe.merge_diffusion import merge
+
+    language_only = {"--mode": ("mode", "dequantized"), "--device": ("device", "auto"), "--verify": ("verify", "auto")}
+    language_only["--max-shard-size"] = ("max_shard_size", "5GB")
+    given = [flag for flag, (name, default) in language_only.items() if getattr(args, name) != default]
+    if given:
+        raise UserError(f"{', '.join(given)}: for language-model runs; {args.run_dir} is an image run")
+    out = merge(args.run_dir, dtype=args.dtype, out=args.out, force=args.force)
+    report = json.loads((out / MERGE_REPORT).read_text())
+    for name, n in report["components"].items():
+        print(
+            f"{name:>13}: merged vs base + LoRA, relative error {n['relative_error']:.3g}, "
+            f"max |Δ| {n['max_abs_diff']:.3g}"
+        )
+    print(f"merged pipeline: {out}   (StableDiffusionPipeline.from_pretrained('{out}'))")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -318,17 +391,25 @@ def _report(args: argparse.Namespace) -> None:
         + (f" (resumed from {s['resumed_from']})" if s["resumed_from"] else "")
     )
     print(f"train loss     {show(s['train_loss_first'], '.4f')} → {show(s['train_loss_last'], '.4f')}")
-    print(f"eval loss      {show(s['eval_loss_before'], '.4f')} → {show(s['eval_loss_after'], '.4f')}")
+    images = s["validation_overview"] is not None or s["denoise_loss_before"] is not None
+    if images:
+        print(f"denoise loss   {show(s['denoise_loss_before'], '.4f')} → {show(s['denoise_loss_after'], '.4f')}")
+    else:
+        print(f"eval loss      {show(s['eval_loss_before'], '.4f')} → {show(s['eval_loss_after'], '.4f')}")
     print(f"learning rate  {show(s['learning_rate_last'], '.3g')} (last)")
-    ranks, per_rank = s["ranks"], s["tokens_per_second"] and s["tokens_per_second"] / s["ranks"]
+    ranks, unit = s["ranks"], "images" if images else "tokens"
+    rate = s[f"{unit}_per_second"]
     print(
-        f"throughput     {show(s['tokens_per_second'], '.1f')} tokens/s over {show(s['tokens_seen'], 'd')} tokens"
-        + (f", all {ranks} ranks together ({show(per_rank, '.1f')} per rank)" if ranks > 1 else "")
+        f"throughput     {show(rate, '.2f' if images else '.1f')} {unit}/s over {show(s[f'{unit}_seen'], 'd')} {unit}"
+        + (f", all {ranks} ranks together ({show(rate and rate / ranks, '.2f')} per rank)" if ranks > 1 else "")
     )
     of = f"{s['peak_memory_of'] or '-'}{', rank 0' if ranks > 1 else ''}"
     print(f"peak memory    {show(s['peak_memory_gib'], '.2f')} GiB ({of})")
     print(f"time           {show(s['train_seconds'], '.1f')} s")
     print(f"loss curve     {curve}")
+    if s["validation_overview"]:
+        print(f"validation     {len(s['validation_grids'])} grids, latest {s['validation_grids'][-1]}")
+        print(f"               all steps: {s['validation_overview']}")
 
 
 def _adapter_inspect(args: argparse.Namespace) -> None:
@@ -360,8 +441,21 @@ def _adapter_combine(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from qlora_pipe.generate import generate, generate_with_adapters
+    from qlora_pipe.generate import generate, generate_image, generate_with_adapters
 
+    image_options = {"--out": args.out, "--steps": args.steps, "--seed": args.seed, "--guidance": args.guidance}
+    if is_pipeline(args.path):
+        if args.adapter:
+            raise UserError("--adapter is for language models; an image run's LoRA is loaded with its run")
+        if not args.out:
+            raise UserError(f"{args.path} makes images: give --out FILE.png")
+        defaults = {"steps": 30, "seed": 0, "guidance": 7.5}
+        options = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+        print(generate_image(args.path, args.prompt, args.out, **options))
+        return
+    given = [flag for flag, value in image_options.items() if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: for image runs and diffusers pipelines; {args.path} is a language model")
     if args.adapter:
         adapters = adapter_options(args.adapter)
         replies = generate_with_adapters(args.path, adapters, args.prompt, max_new_tokens=args.max_new_tokens)
@@ -369,6 +463,11 @@ def _generate(args: argparse.Namespace) -> None:
             print(f"[{name}] {text}")
         return
     print(generate(args.path, args.prompt, max_new_tokens=args.max_new_tokens))
+
+
+def is_pipeline(path: str) -> bool:
+    """An image run or a diffusers pipeline directory (what `generate` makes images from)."""
+    return image_run(path) or (Path(path) / "model_index.json").is_file()
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -427,7 +526,7 @@ def parser() -> argparse.ArgumentParser:
         description="Tokenize the recipe's data exactly as training will and report example counts, token-length "
         "percentiles, examples cut by max_seq_length, empty loss masks and whether eos is trained at the end of "
         "every assistant turn, with one example whose trained tokens are marked. Exits 2 on the problems that "
-        "`train` refuses.",
+        "`train` refuses. Image recipes: every image read and checked, bad ones named by file.",
     )
     recipe_arguments(check)
     check.set_defaults(func=_check_data)
@@ -468,7 +567,8 @@ def parser() -> argparse.ArgumentParser:
         "merge",
         help="merge a trained adapter into a standalone checkpoint",
         description="Merge RUN_DIR's adapter into its base; everything else comes from RUN_DIR/manifest.json. "
-        "Writes the model, merge_report.json (merged vs NF4 base + adapter logits) and manifest.json.",
+        "Writes the model, merge_report.json (merged vs NF4 base + adapter logits) and manifest.json. Image runs: "
+        "a whole diffusers pipeline with the LoRA fused in, its UNet (and text encoder) compared with base + LoRA.",
     )
     merge.add_argument("run_dir", help="output directory of `qlora-pipe train`")
     merge.add_argument(
@@ -550,7 +650,8 @@ def parser() -> argparse.ArgumentParser:
         "report",
         help="summarise a training run and plot its loss curve",
         description="Print a run's steps, train and eval loss, learning rate, tokens/s, peak memory and time, and "
-        "write RUN_DIR/loss_curve.png. Works while a run is in progress or after it was interrupted.",
+        "write RUN_DIR/loss_curve.png; for image runs the denoising loss, images/s and the validation grids "
+        "(RUN_DIR/validation.png, one row per step). Works while a run is in progress or after it was interrupted.",
     )
     rep.add_argument("run_dir", help="output directory of `qlora-pipe train`")
     rep.set_defaults(func=_report)
@@ -592,12 +693,18 @@ def parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser(
         "generate",
-        help="generate text from a merged model, a run, or a base",
-        description="Greedy generation with the chat template applied, stopping at eos.",
+        help="generate text (or an image) from a merged model, a run, or a base",
+        description="Greedy generation with the chat template applied, stopping at eos. Image runs and diffusers "
+        "pipeline directories (a merged image run, any Stable Diffusion pipeline) make one image instead: "
+        "qlora-pipe generate PIPELINE_OR_RUN --prompt TEXT --out image.png [--steps N] [--seed S] [--guidance G]",
     )
     gen.add_argument("path", help="merged directory, run directory (base + adapter) or model directory")
-    gen.add_argument("--prompt", required=True, help="user message")
+    gen.add_argument("--prompt", required=True, help="user message (images: the prompt)")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
+    gen.add_argument("--out", help="images: the image file to write (e.g. image.png)")
+    gen.add_argument("--steps", type=int, help="images: denoising steps (default 30)")
+    gen.add_argument("--seed", type=int, help="images: seed of the starting noise (default 0)")
+    gen.add_argument("--guidance", type=float, help="images: classifier-free guidance scale (default 7.5)")
     gen.add_argument(
         "--adapter",
         action="append",

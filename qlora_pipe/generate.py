@@ -1,5 +1,6 @@
 """Generate stage: one greedy completion (`qlora-pipe generate`) or an interactive chat (`qlora-pipe chat`), from a
-merged directory, a training run (NF4 base + adapter) or a plain base directory."""
+merged directory, a training run (NF4 base + adapter) or a plain base directory; for image runs and diffusers
+pipelines, one image (`qlora-pipe generate PIPELINE_OR_RUN --prompt TEXT --out image.png`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from PIL import Image
 from transformers import TextStreamer
 
-from qlora_pipe.model import load_for_inference, load_with_adapters
+from qlora_pipe import UserError, diffusion
+from qlora_pipe.model import load_for_inference, load_with_adapters, resolve_compute_dtype
 
 CHAT_HELP = "/reset clears the conversation, /exit (or Ctrl-D) ends it"
 
@@ -122,3 +125,23 @@ def chat(
         stdout.write("model> ")
         answer = reply(net, tokenizer, history, max_new_tokens, _Streamer(tokenizer, stdout))
         history.append({"role": "assistant", "content": answer})
+
+
+def generate_image(
+    path: str | Path, prompt: str, out: str | Path, *, steps: int = 30, seed: int = 0, guidance: float = 7.5
+) -> Path:
+    """One image of `prompt` from an image run (base + LoRA) or a pipeline directory, written to `out` (PNG unless its
+    suffix names another format PIL writes)."""
+    out = Path(out)
+    if steps <= 0:
+        raise UserError(f"--steps {steps}: give a positive number of denoising steps (e.g. 30)")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"--out {out}: name an image file, e.g. image.png")
+    pipe = diffusion.load_for_generation(path, resolve_compute_dtype("auto"))
+    if torch.cuda.is_available():
+        pipe.to("cuda")
+    with torch.no_grad():
+        image = diffusion.render(pipe, prompt, 1, steps, guidance, seed)[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    return out

@@ -1,4 +1,5 @@
-"""`qlora-pipe report RUN_DIR`: what a training run did, from its manifest and loss log, plus a loss-curve PNG.
+"""`qlora-pipe report RUN_DIR`: what a training run did, from its manifest and loss log, plus a loss-curve PNG; for
+image runs also the validation grids, one row per step, in one PNG.
 
 Works on a finished run and on one still training or interrupted (then from train_log.jsonl alone).
 """
@@ -8,9 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
 
 from qlora_pipe import UserError
-from qlora_pipe.run import LOSS_CURVE, finished_metrics, read_log, recorded_world_size
+from qlora_pipe.run import (
+    LOSS_CURVE,
+    VALIDATION,
+    VALIDATION_OVERVIEW,
+    finished_metrics,
+    read_log,
+    recorded_world_size,
+)
 
 
 def summary(run: Path) -> dict:
@@ -30,7 +39,17 @@ def summary(run: Path) -> dict:
         "learning_rate_last": train[-1].get("learning_rate") if train else None,
         **{
             k: metrics.get(k)
-            for k in ("tokens_seen", "tokens_per_second", "peak_memory_gib", "peak_memory_of", "train_seconds")
+            for k in (
+                "tokens_seen",
+                "tokens_per_second",
+                "images_seen",
+                "images_per_second",
+                "denoise_loss_before",
+                "denoise_loss_after",
+                "peak_memory_gib",
+                "peak_memory_of",
+                "train_seconds",
+            )
         },
         "resumed_from": metrics.get("resumed_from"),
         "ranks": recorded_world_size(run),  # tokens are counted over all of them; memory is rank 0's
@@ -61,8 +80,30 @@ def plot(run: Path) -> Path:
     return out
 
 
+def validation_overview(run: Path) -> Path | None:
+    """An image run's validation grids (validation/step-NNNNNN.png), top to bottom by step, each labelled."""
+    grids = sorted((run / VALIDATION).glob("step-*.png"))
+    if not grids:
+        return None
+    rows = [Image.open(g).convert("RGB") for g in grids]
+    label = 16
+    width = max(r.width for r in rows)
+    sheet = Image.new("RGB", (width, sum(r.height + label for r in rows)), "white")
+    draw, y = ImageDraw.Draw(sheet), 0
+    for grid, row in zip(grids, rows, strict=True):
+        draw.text((4, y + 2), f"step {int(grid.stem.removeprefix('step-'))}", fill="black")
+        sheet.paste(row, (0, y + label))
+        y += row.height + label
+    out = run / VALIDATION_OVERVIEW
+    sheet.save(out)
+    return out
+
+
 def report(run_dir: str | Path) -> tuple[dict, Path]:
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"{run}: no such directory (give the output directory of `qlora-pipe train`)")
-    return summary(run), plot(run)
+    s = summary(run)
+    s["validation_grids"] = [str(p) for p in sorted((run / VALIDATION).glob("step-*.png"))]
+    s["validation_overview"] = validation_overview(run)
+    return s, plot(run)

@@ -54,6 +54,23 @@ def tiny_like(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """tiny_sd() -> a tiny random Stable Diffusion pipeline (epsilon); tiny_sd("recipes/seeds/stable-diffusion-2-1")
+    -> one with that base's scheduler (v-prediction) and attention layout (built once per session)."""
+    from tiny_diffusion import build_sd
+
+    cache: dict[str | None, Path] = {}
+
+    def get(facts_dir: str | None = None) -> Path:
+        if facts_dir not in cache:
+            name = Path(facts_dir).name if facts_dir else "sd"
+            cache[facts_dir] = build_sd(tmp_path_factory.mktemp(name), facts=ROOT / facts_dir if facts_dir else None)
+        return cache[facts_dir]
+
+    return get
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """write_recipe(base, **sections) -> path of a small fast recipe (fp32 compute, a few steps) in tmp_path."""

@@ -10,7 +10,20 @@ import sys
 from conftest import ROOT
 
 PACKAGE = ROOT / "qlora_pipe"
-STAGES = {"train", "merge", "export", "loftq", "evaluate", "generate", "report", "estimate", "analysis", "combine"}
+STAGES = {
+    "train",
+    "train_diffusion",
+    "merge",
+    "merge_diffusion",
+    "export",
+    "loftq",
+    "evaluate",
+    "generate",
+    "report",
+    "estimate",
+    "analysis",
+    "combine",
+}
 LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "safetensors", "numpy")
 
 

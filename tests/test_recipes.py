@@ -15,7 +15,7 @@ import torch
 from conftest import DEMO_DATA, ROOT
 
 from qlora_pipe import data
-from qlora_pipe.config import load_recipe
+from qlora_pipe.config import DIFFUSION_TASKS, load_recipe
 from qlora_pipe.estimate import GIB, estimate
 from qlora_pipe.merge import merge
 from qlora_pipe.run import MERGE_REPORT
@@ -26,9 +26,10 @@ RECIPES = sorted(p for p in ROOT.glob("recipes/**/*.yaml") if p.parent.name != "
 
 
 def facts_dir(path: Path, base: str) -> Path | None:
-    """A recipe's base facts: beside it (recipes/<model>/), or in a folder named after the base (recipes/seeds/)."""
+    """A recipe's base facts: beside it (recipes/<model>/), or in a folder named after the base (recipes/seeds/);
+    config.json for a language model, model_index.json for a diffusers pipeline."""
     for candidate in (path.parent, path.parent / Path(base).name):
-        if (candidate / "config.json").exists():
+        if (candidate / "config.json").exists() or (candidate / "model_index.json").exists():
             return candidate
     return None
 
@@ -44,15 +45,21 @@ def test_there_are_recipes_for_each_family_and_seed_task():
         "seeds/bert_sst2_seq_cls.yaml",
         "seeds/bloomz_rank_8.yaml",
         "seeds/bloomz_rank_64.yaml",
+        "seeds/sd21_text_to_image_lora.yaml",
+        "seeds/sd21_dreambooth_lora.yaml",
     } <= names
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
-def test_recipe_dry_run_trains_and_merges(path, tiny_like, tiny_model, tmp_path, monkeypatch):
+def test_recipe_dry_run_trains_and_merges(path, tiny_like, tiny_model, tiny_sd, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name data relative to the repository root
     recipe = load_recipe(path)
     facts = facts_dir(path, recipe.model.base)
+    if recipe.task in DIFFUSION_TASKS:
+        assert facts is not None, f"{path}: add the pipeline's model_index.json, scheduler and unet configs beside it"
+        dry_run_images(recipe, tiny_sd(str(facts.relative_to(ROOT))), tmp_path)
+        return
     if facts is not None:
         config = json.loads((facts / "config.json").read_text())
         assert (facts / "special_tokens.json").exists(), f"{facts}: special_tokens.json is missing"
@@ -89,6 +96,36 @@ def test_recipe_dry_run_trains_and_merges(path, tiny_like, tiny_model, tmp_path,
     merged = merge(run, verify="layers")
     report = json.loads((merged / MERGE_REPORT).read_text())["modes"]["dequantized"]
     assert report["layers"] > 0 and report["max_relative_error"] < 1e-5
+
+
+def dry_run_images(recipe, base: Path, tmp_path: Path) -> None:
+    """An image recipe on a tiny pipeline like its base: its hub images replaced by a few generated ones, 32 px, two
+    steps, then the merge, verified."""
+    from tiny_diffusion import captioned_images, instance_images
+
+    from qlora_pipe.merge_diffusion import merge as merge_pipeline
+    from qlora_pipe.train_diffusion import train as train_images
+
+    d = recipe.data
+    if not data.is_local(d.train):
+        make = instance_images if recipe.task == "dreambooth" else captioned_images
+        d = dataclasses.replace(d, train=str(make(tmp_path / "images", 4, 40)), columns=None)
+    g = dataclasses.replace(
+        recipe.diffusion,
+        resolution=32,
+        num_class_images=min(recipe.diffusion.num_class_images, 2),
+        num_validation_images=1,
+        validation_inference_steps=2,
+    )
+    t = dataclasses.replace(recipe.train, max_steps=2, batch_size=1, grad_accumulation=1, eval_steps=1, save_steps=100)
+    model = dataclasses.replace(recipe.model, base=str(base), compute_dtype="float32")
+    run = train_images(
+        dataclasses.replace(recipe, model=model, data=d, diffusion=g, train=t, output_dir=str(tmp_path / "run"))
+    )
+    assert json.loads((run / "manifest.json").read_text())["metrics"]["steps"] == 2
+    assert len(list((run / "validation").glob("step-*.png"))) == 2
+    report = json.loads((merge_pipeline(run) / MERGE_REPORT).read_text())["components"]
+    assert report["unet"]["relative_error"] <= 1e-5
 
 
 HEADED = [p for p in RECIPES if "# Expected peak GPU memory:" in p.read_text()]

@@ -330,9 +330,12 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _loftq(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.task in DIFFUSION_TASKS:
+        raise UserError(f"loftq initialises language-model adapters; task {recipe.task} trains LoRA from scratch")
     from qlora_pipe.loftq import run_loftq
 
-    out = run_loftq(load_recipe(args.recipe, args.overrides), device=args.device)
+    out = run_loftq(recipe, device=args.device)
     summary = json.loads((out / LOFTQ_REPORT).read_text())["summary"]
     print(
         f"\nLoftQ over {summary['matrices']} matrices ({summary['seconds']:.1f} s): relative error "
@@ -449,8 +452,7 @@ def _generate(args: argparse.Namespace) -> None:
             raise UserError("--adapter is for language models; an image run's LoRA is loaded with its run")
         if not args.out:
             raise UserError(f"{args.path} makes images: give --out FILE.png")
-        defaults = {"steps": 30, "seed": 0, "guidance": 7.5}
-        options = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+        options = {k: getattr(args, k) for k in ("steps", "seed", "guidance") if getattr(args, k) is not None}
         print(generate_image(args.path, args.prompt, args.out, **options))
         return
     given = [flag for flag, value in image_options.items() if value is not None]

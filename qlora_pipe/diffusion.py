@@ -38,6 +38,10 @@ PEFT_PREFIX = "base_model.model."
 COMPONENTS = ("unet", "text_encoder")
 # The fixed denoising loss (before/after training) is measured on at most this many training images.
 FIXED_LOSS_IMAGES = 16
+# DreamBooth's class images are made as diffusers' DreamBooth script makes them: the pipeline's default 50 steps and
+# guidance 7.5.
+CLASS_IMAGE_STEPS = 50
+CLASS_IMAGE_GUIDANCE = 7.5
 
 
 def check_pipeline_base(base: str, key: str = "model.base") -> str:
@@ -121,7 +125,7 @@ def load_components(base: str, dtype: torch.dtype, nf4: bool = False) -> Compone
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    quant = {"quantization_config": bnb_unet_config(dtype), "device_map": {"": "cuda"}} if nf4 else {}
+    quant = {"quantization_config": bnb_unet_config(dtype)} if nf4 else {}  # diffusers places it on the GPU
     parts = Components(
         tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype),
@@ -207,18 +211,21 @@ class Denoiser(torch.nn.Module):
         timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
         return {"loss": self.combine(self.sample_loss(latents, noise, timesteps, input_ids), prior)}
 
-    def fixed_loss(self, batch: dict, seed: int) -> float:
+    def fixed_loss(self, batch: dict, seed: int, chunk: int) -> float:
         """The denoising loss with noise, timesteps and latents drawn from `seed`: the same draw before and after
-        training, so that the two numbers compare the models and not the draws."""
+        training, so that the two numbers compare the models and not the draws. `chunk` images at a time."""
         device = self.unet.device
         generator = torch.Generator(device).manual_seed(seed)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        losses = []
         with torch.no_grad():
-            latents = self.encode(batch["pixel_values"].to(device), generator)
-            noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-            steps = self.noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=device)
-            losses = self.sample_loss(latents, noise, timesteps, batch["input_ids"].to(device))
-            return self.combine(losses, batch["prior"].to(device)).item()
+            for start in range(0, len(batch["prior"]), chunk):
+                part = {k: v[start : start + chunk].to(device) for k, v in batch.items()}
+                latents = self.encode(part["pixel_values"], generator)
+                noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+                timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=device)
+                losses.append(self.sample_loss(latents, noise, timesteps, part["input_ids"]))
+        return self.combine(torch.cat(losses), batch["prior"].to(device)).item()
 
 
 def lora_config(recipe: Recipe) -> peft.LoraConfig:

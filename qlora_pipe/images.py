@@ -8,6 +8,7 @@ float), or a picture so small that it would be upscaled more than twice is repor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -32,13 +33,34 @@ MAX_UPSCALE = 2
 SHOWN_PROBLEMS = 20
 
 
+@dataclass(frozen=True)
+class HubImage:
+    """Row `row` of a hub data set's image column, decoded when it is read (a data set of large pictures would not fit
+    in memory decoded)."""
+
+    table: object
+    row: int
+    column: str
+
+    def load(self) -> Image.Image:
+        return self.table[self.row][self.column]
+
+
 @dataclass
 class Example:
     """One training image and its prompt; `where` names it in messages (file, or data set row)."""
 
-    image: Path | Image.Image
+    image: Path | HubImage
     text: str
     where: str
+
+
+def load_image(example: Example) -> Image.Image:
+    """The picture as stored (its own mode), read whole."""
+    image = Image.open(example.image) if isinstance(example.image, Path) else example.image.load()
+    if isinstance(image, Image.Image):
+        image.load()
+    return image
 
 
 def read_examples(recipe: Recipe) -> tuple[list[Example], dict]:
@@ -64,8 +86,6 @@ def read_examples(recipe: Recipe) -> tuple[list[Example], dict]:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -142,32 +162,25 @@ def hub_examples(name: str, columns: dict[str, str] | None, *, text_column: bool
             "its columns with data.columns, e.g. {image: img, text: caption}"
         )
     texts = table[text_key] if text_column else [prompt] * len(table)
-    return [Example(table[i][image_key], texts[i], f"{name}: row {i + 1}") for i in range(len(table))]
+    return [Example(HubImage(table, i, image_key), texts[i], f"{name}: row {i + 1}") for i in range(len(table))]
 
 
-def open_rgb(example: Example) -> Image.Image:
-    image = Image.open(example.image) if isinstance(example.image, Path) else example.image
-    image.load()
-    return image.convert("RGB")
-
-
-def image_problem(example: Example, resolution: int) -> str | None:
-    """Why an image cannot be trained on, or None."""
+def image_problem(example: Example, resolution: int) -> tuple[str | None, int]:
+    """Why an image cannot be trained on (or None), and its shorter side."""
     try:
-        image = Image.open(example.image) if isinstance(example.image, Path) else example.image
-        image.load()
+        image = load_image(example)
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
+        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})", 0
     if not isinstance(image, Image.Image):
-        return f"not an image (a {type(image).__name__})"
+        return f"not an image (a {type(image).__name__})", 0
     if image.mode not in RGB_MODES:
-        return f"mode {image.mode} (16-bit or float pixels); save it as 8-bit RGB"
+        return f"mode {image.mode} (16-bit or float pixels); save it as 8-bit RGB", 0
     if min(image.size) * MAX_UPSCALE < resolution:
         return (
             f"{image.size[0]}x{image.size[1]} is too small for diffusion.resolution {resolution} (the shorter side "
             f"must be at least {-(-resolution // MAX_UPSCALE)})"
-        )
-    return None
+        ), 0
+    return None, min(image.size)
 
 
 def check_images(examples: list[Example], resolution: int, what: str = "data.train") -> dict:
@@ -176,12 +189,11 @@ def check_images(examples: list[Example], resolution: int, what: str = "data.tra
 
     problems, sizes = [], []
     for example in tqdm(examples, desc=f"checking {what} images", unit="image", leave=False):
-        problem = image_problem(example, resolution)
+        problem, side = image_problem(example, resolution)
         if problem:
             problems.append(f"{example.where}: {problem}")
         else:
-            image = Image.open(example.image) if isinstance(example.image, Path) else example.image
-            sizes.append(min(image.size))
+            sizes.append(side)
     if problems:
         raise UserError(_listed(f"{what}: {len(problems)} of {len(examples)} images cannot be trained on", problems))
     return {"images": len(examples), "shorter_side_min": min(sizes), "shorter_side_max": max(sizes)}
@@ -241,7 +253,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             example.text, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
         ).input_ids
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index, prior)) % 2**63)
-        pixels = to_tensor(open_rgb(example), g.resolution, g.center_crop, g.random_flip, generator)
+        pixels = to_tensor(load_image(example).convert("RGB"), g.resolution, g.center_crop, g.random_flip, generator)
         return {"pixel_values": pixels, "input_ids": torch.tensor(ids), "prior": torch.tensor(prior)}
 
     def __getitem__(self, i: int) -> dict:

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,17 +343,25 @@ def resolve_device(name: str, trained_on: str) -> torch.device:
 
 
 def check_base_unchanged(run: Run, force: bool) -> Path:
+    if not check_fingerprint(run, model.weight_files, force):
+        return model.local_checkpoint(run.base)
+    return Path(run.base)
+
+
+def check_fingerprint(run: Run, weight_files: Callable[[str], list[Path]], force: bool) -> bool:
+    """Whether the run's base is a local directory; a user error when it is gone, or when its weights (those
+    `weight_files` lists) are not those the adapter was trained on and `force` is off."""
     recorded = run.manifest["base"].get("weights_fingerprint")
     if not Path(run.base).is_dir():
         if recorded:
             raise UserError(f"the base this run was trained on is gone: {run.base}")
-        return model.local_checkpoint(run.base)
-    if recorded and fingerprint_weights(model.weight_files(run.base)) != recorded and not force:
+        return False
+    if recorded and fingerprint_weights(weight_files(run.base)) != recorded and not force:
         raise UserError(
             f"the weights in {run.base} differ from those this adapter was trained on (fingerprint mismatch); "
             "merge onto the original base, or pass --force to merge anyway"
         )
-    return Path(run.base)
+    return True
 
 
 def check_disk(out: Path, needed: int) -> None:

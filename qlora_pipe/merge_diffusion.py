@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qlora_pipe import UserError, diffusion, quant
-from qlora_pipe.manifest import atomic_dir, fingerprint_weights, write_manifest
-from qlora_pipe.merge import check_disk
+from qlora_pipe import diffusion, quant
+from qlora_pipe.manifest import atomic_dir, write_manifest
+from qlora_pipe.merge import check_disk, check_fingerprint
 from qlora_pipe.run import MERGE_REPORT, MERGED, Run, load_run
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ def merge(run_dir: str | Path, *, dtype: str = "auto", out: str | Path | None = 
     """Write RUN_DIR/merged (or `out`): the whole pipeline with the LoRA fused in, merge_report.json, manifest.json."""
     diffusion.require_diffusers()
     run = load_run(run_dir, images=True)
-    base = check_base_unchanged(run, force)
+    check_fingerprint(run, diffusion.unet_weight_files, force)
+    base = run.base  # a hub id stays one: diffusers reads the pipeline from the hub cache
     out = Path(out) if out else run.dir / MERGED
     pipe = diffusion.full_pipeline(base, torch.float32)
     mode = "original"
@@ -72,20 +73,6 @@ def merge(run_dir: str | Path, *, dtype: str = "auto", out: str | Path | None = 
             report=report["components"],
         )
     return out
-
-
-def check_base_unchanged(run: Run, force: bool) -> str:
-    recorded = run.manifest["base"].get("weights_fingerprint")
-    if not Path(run.base).is_dir():
-        if recorded:
-            raise UserError(f"the base pipeline this run was trained on is gone: {run.base}")
-        return run.base
-    if recorded and fingerprint_weights(diffusion.unet_weight_files(run.base)) != recorded and not force:
-        raise UserError(
-            f"the UNet weights in {run.base} differ from those this LoRA was trained on (fingerprint mismatch); "
-            "merge onto the original base, or pass --force to merge anyway"
-        )
-    return run.base
 
 
 def dequantize_as_trained(unet: torch.nn.Module, quantization: dict) -> None:

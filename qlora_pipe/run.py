@@ -91,6 +91,10 @@ RESUMABLE_CHANGES = (
     "train.activation_offloading",
     "train.loss_chunk_tokens",
     "train.tiled_mlp",
+    "diffusion.validation_prompt",
+    "diffusion.num_validation_images",
+    "diffusion.validation_inference_steps",
+    "diffusion.validation_guidance",
 )
 
 

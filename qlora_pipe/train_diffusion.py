@@ -102,7 +102,7 @@ def fixed_loss(trainer: Trainer, batch: dict, seed: int) -> float:
     denoiser = trainer.model.get_base_model()
     was_training = denoiser.training
     denoiser.eval()
-    loss = denoiser.fixed_loss(batch, seed)
+    loss = denoiser.fixed_loss(batch, seed, trainer.args.per_device_train_batch_size)
     denoiser.train(was_training)
     return round(loss, 6)
 
@@ -172,6 +172,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, dict, dict, str]:
     compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
     parts = diffusion.load_components(base, compute_dtype, nf4)
     class_examples = class_images(recipe, base, parts, compute_dtype) if recipe.diffusion.class_prompt else None
+    quantized = quantized_modules(parts.unet) if nf4 else None  # named before LoRA wraps them
     torch.manual_seed(recipe.train.seed)  # LoRA A is drawn at get_peft_model time
     denoiser = diffusion.Denoiser(parts, recipe)
     net = peft.get_peft_model(denoiser, diffusion.lora_config(recipe))
@@ -203,7 +204,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, dict, dict, str]:
             "load_dtype": str(compute_dtype).removeprefix("torch."),
             "compute_dtype": str(compute_dtype).removeprefix("torch."),
             "device_kind": device,
-            **({"quantized_modules": quantized_modules(parts.unet)} if nf4 else {}),
+            **({**model.NF4, "quantized_modules": quantized} if nf4 else {}),
         },
         "data": {**data_facts, "class_images": len(class_examples) if class_examples else 0},
         "task": recipe.task,
@@ -247,9 +248,8 @@ def class_images(recipe: Recipe, base: str, parts: diffusion.Components, dtype: 
         pipe.set_progress_bar_config(disable=True)
         for i in tqdm(range(have, g.num_class_images), desc="generating class images", unit="image"):
             with torch.no_grad():
-                shot = diffusion.render(
-                    pipe, g.class_prompt, 1, g.validation_inference_steps, g.validation_guidance, recipe.train.seed + i
-                )[0]
+                steps, guidance = diffusion.CLASS_IMAGE_STEPS, diffusion.CLASS_IMAGE_GUIDANCE
+                shot = diffusion.render(pipe, g.class_prompt, 1, steps, guidance, recipe.train.seed + i)[0]
             tmp = folder / f".class-{i:05d}.png.tmp"
             shot.save(tmp, format="PNG")
             tmp.rename(folder / f"class-{i:05d}.png")

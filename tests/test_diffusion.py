@@ -352,3 +352,37 @@ def test_dequantized_merge_uses_the_nf4_weights(trained_run, tmp_path):
     assert not torch.equal(nf4, w)
     # merged into the NF4 weight: the same update ΔW on top of dequantize(quantize(W)) instead of W
     assert torch.allclose(weight(merged) - nf4, weight(original) - w, atol=1e-6)
+
+
+def test_interrupted_image_run_checkpoints_and_resumes(tiny_sd, shapes, tmp_path, monkeypatch, capsys):
+    """SIGINT during an image run: a checkpoint at the end of the step, exit status 130, and the same command goes on
+    from it."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    from qlora_pipe import train_diffusion
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    build = train_diffusion.build_trainer
+
+    def with_interrupt(recipe):
+        built = build(recipe)
+        built[0].add_callback(Interrupt())
+        return built
+
+    path = image_recipe(tmp_path, tiny_sd(), shapes, diffusion={"num_validation_images": 0})
+    monkeypatch.setattr(train_diffusion, "build_trainer", with_interrupt)
+    assert cli.main(["train", str(path)]) == 130
+    assert "SIGINT: stopped at step 2" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    monkeypatch.setattr(train_diffusion, "build_trainer", build)
+    assert cli.main(["train", str(path)]) == 0
+    metrics = json.loads((tmp_path / "run" / "manifest.json").read_text())["metrics"]
+    assert metrics["steps"] == 4 and metrics["resumed_from"].endswith("checkpoint-2")

@@ -198,8 +198,7 @@ def _estimate(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.task in DIFFUSION_TASKS:
         raise UserError(
-            f"estimate predicts the memory of language-model training; task {recipe.task} is not covered (SD 2.1 LoRA "
-            "at 512 px, batch 1, fits in 12 GB in full precision: README, Stable Diffusion LoRA)"
+            f"estimate predicts the memory of language-model training; task {recipe.task} is not covered yet"
         )
     try:
         limit = parse_size(args.gpu_mem)

@@ -167,23 +167,23 @@ class Denoiser(torch.nn.Module):
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
-    def encode(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, pixel_values: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
+        """A sample of the VAE's latent distribution (mean + std × the sample's own noise), scaled for the UNet."""
         with torch.no_grad():
             dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
-            return dist.sample(generator) * self.vae.config.scaling_factor
+            return (dist.mean + dist.std * posterior_noise.to(dist.mean.dtype)) * self.vae.config.scaling_factor
 
-    def sample_loss(
-        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """The (min-SNR weighted) MSE of each sample's prediction."""
-        sched = self.noise_scheduler
-        noisy = sched.add_noise(latents, noise, timesteps)
+    def sample_losses(self, batch: dict) -> torch.Tensor:
+        """The (min-SNR weighted) MSE of each sample's prediction, at its own timestep and noise."""
+        sched, noise, timesteps = self.noise_scheduler, batch["noise"], batch["timestep"]
+        latents = self.encode(batch["pixel_values"], batch["posterior_noise"])
+        noisy = sched.add_noise(latents, noise.to(latents.dtype), timesteps)
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            states = self.text_encoder(input_ids, return_dict=False)[0]
+            states = self.text_encoder(batch["input_ids"], return_dict=False)[0]
         if self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "v_prediction":
-            target = sched.get_velocity(latents, noise, timesteps)
+            target = sched.get_velocity(latents, noise.to(latents.dtype), timesteps)
         else:
             raise UserError(f"the base's scheduler predicts {self.prediction_type!r}; epsilon and v_prediction train")
         pred = self.unet(noisy.to(self.unet.dtype), timesteps, states.to(self.unet.dtype), return_dict=False)[0]
@@ -204,28 +204,29 @@ class Denoiser(torch.nn.Module):
             return losses.mean()
         return losses[~prior].mean() + self.prior_loss_weight * losses[prior].mean()
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, prior: torch.Tensor) -> dict:
-        latents = self.encode(pixel_values)
-        noise = torch.randn_like(latents)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
-        return {"loss": self.combine(self.sample_loss(latents, noise, timesteps, input_ids), prior)}
+    def forward(self, **batch: torch.Tensor) -> dict:
+        """The batch's loss. Its noise, timesteps and latent samples come with it, drawn per sample (images.py), so
+        the loss of a sample does not depend on the batch it is in, on how many ranks share the batch, or on where
+        a run was resumed."""
+        return {"loss": self.combine(self.sample_losses(batch), batch["prior"])}
 
-    def fixed_loss(self, batch: dict, seed: int, chunk: int) -> float:
-        """The denoising loss with noise, timesteps and latents drawn from `seed`: the same draw before and after
-        training, so that the two numbers compare the models and not the draws. `chunk` images at a time."""
+    def fixed_loss(self, batch: dict, chunk: int) -> float:
+        """The denoising loss of `batch` (training images with fixed draws), `chunk` images at a time: the same
+        number before and after training compares the models."""
         device = self.unet.device
-        generator = torch.Generator(device).manual_seed(seed)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        losses = []
         with torch.no_grad():
-            for start in range(0, len(batch["prior"]), chunk):
-                part = {k: v[start : start + chunk].to(device) for k, v in batch.items()}
-                latents = self.encode(part["pixel_values"], generator)
-                noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-                timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=device)
-                losses.append(self.sample_loss(latents, noise, timesteps, part["input_ids"]))
-        return self.combine(torch.cat(losses), batch["prior"].to(device)).item()
+            parts = [
+                self.sample_losses({k: v[start : start + chunk].to(device) for k, v in batch.items()})
+                for start in range(0, len(batch["prior"]), chunk)
+            ]
+        return self.combine(torch.cat(parts), batch["prior"].to(device)).item()
+
+
+def latent_draws(vae_config, scheduler_config, resolution: int) -> dict:
+    """What each training sample draws (images.py): the shape of its latents and the number of timesteps."""
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    side = resolution // factor
+    return {"shape": (vae_config.latent_channels, side, side), "timesteps": scheduler_config.num_train_timesteps}
 
 
 def lora_config(recipe: Recipe) -> peft.LoraConfig:

@@ -95,7 +95,8 @@ def image_files(folder: Path) -> list[Path]:
 
 def instance_folder(folder: Path, prompt: str) -> list[Example]:
     if not folder.is_dir():
-        raise UserError(f"data.train: {folder} is not a folder of instance images")
+        missing = "is not a folder" if folder.exists() else "not found"
+        raise UserError(f"data.train: {folder} {missing}; dreambooth reads a folder of instance images")
     return [Example(p, prompt, str(p)) for p in image_files(folder)]
 
 
@@ -103,8 +104,8 @@ def metadata_folder(folder: Path, columns: dict[str, str] | None) -> list[Exampl
     """The datasets `imagefolder` layout: images and metadata.jsonl with one {file_name, text} object per line."""
     if not folder.is_dir():
         raise UserError(
-            f"data.train: {folder} is not a folder; text_to_image reads an image folder with {METADATA} "
-            "(file_name, text) or a hub image data set"
+            f"data.train: {folder} {'is not a folder' if folder.exists() else 'not found'}; text_to_image reads an "
+            f"image folder with {METADATA} (file_name, text) or a hub image data set"
         )
     metadata = folder / METADATA
     if not metadata.is_file():
@@ -226,23 +227,28 @@ def to_tensor(
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Training items {pixel_values, input_ids, prior}; for DreamBooth with prior preservation each item pairs an
-    instance image with a class image (the collator puts the instance images first), and the length is the larger
-    of the two sets, as in diffusers' DreamBooth script.
+    """Training items {pixel_values, input_ids, prior, noise, posterior_noise, timestep}; for DreamBooth with prior
+    preservation each item pairs an instance image with a class image (the collator puts the instance images
+    first), and the length is the larger of the two sets, as in diffusers' DreamBooth script.
 
-    The random crops and flips are drawn from (seed, epoch, index), not from the global RNG: the data loader fetches
-    a batch ahead of the step that trains on it, so draws from the global stream would land on the other side of a
-    checkpoint's RNG state, and a resumed run would crop differently from an uninterrupted one."""
+    Everything random about a sample (crop, flip, the noise added to its latents, its timestep, the sample of the
+    VAE's latent distribution) is drawn from a generator of its own, seeded by (seed, epoch, index), not from the
+    global RNG: the data loader fetches a batch ahead of the step that trains on it (draws from the global stream
+    would land on the other side of a checkpoint's RNG state), and a sample's draws must not depend on which rank,
+    batch or micro-batch it falls in. So a resumed run, and N ranks with batch b, train what one uninterrupted
+    process with batch N·b trains. `draws`: the latent shape and timestep count (diffusion.latent_draws); `epoch`
+    is set by the trainer (train_diffusion.DrawEpoch) before each epoch's first batch is fetched."""
 
     def __init__(
-        self, examples: list[Example], tokenizer, recipe: Recipe, class_examples: list[Example] | None = None
+        self,
+        examples: list[Example],
+        tokenizer,
+        recipe: Recipe,
+        draws: dict,
+        class_examples: list[Example] | None = None,
     ):
-        self.examples, self.class_examples = examples, class_examples or []
+        self.examples, self.class_examples, self.draws = examples, class_examples or [], draws
         self.tokenizer, self.g, self.seed, self.epoch = tokenizer, recipe.diffusion, recipe.train.seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by accelerate's data loader at the start of every epoch (and of a resumed one)."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return max(len(self.examples), len(self.class_examples))
@@ -254,7 +260,15 @@ class ImageTextDataset(torch.utils.data.Dataset):
         ).input_ids
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index, prior)) % 2**63)
         pixels = to_tensor(load_image(example).convert("RGB"), g.resolution, g.center_crop, g.random_flip, generator)
-        return {"pixel_values": pixels, "input_ids": torch.tensor(ids), "prior": torch.tensor(prior)}
+        shape = self.draws["shape"]
+        return {
+            "pixel_values": pixels,
+            "input_ids": torch.tensor(ids),
+            "prior": torch.tensor(prior),
+            "noise": torch.randn(shape, generator=generator),
+            "posterior_noise": torch.randn(shape, generator=generator),
+            "timestep": torch.randint(self.draws["timesteps"], (), generator=generator),
+        }
 
     def __getitem__(self, i: int) -> dict:
         items = [self.item(self.examples[i % len(self.examples)], i, False)]

@@ -117,12 +117,20 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+def process_state():
+    """accelerate's state of this process, the process group set up on first use. Without a GPU accelerate joins
+    the ranks (gloo) only when told the run is on the CPU: a bare PartialState() there stays a single process, and
+    its collectives do nothing."""
+    import torch  # here: this module stays light for the command line's parser
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def wait_for_writer() -> None:
     """Every rank waits here until all have arrived: what the writer wrote before it is complete for the others."""
     if world_size() > 1:
-        from accelerate import PartialState  # imports torch: this module stays light for the command line's parser
-
-        PartialState().wait_for_everyone()
+        process_state().wait_for_everyone()
 
 
 def check_launcher() -> None:
@@ -158,6 +166,7 @@ def on_writer(work: Callable[[], T]) -> T:
         return work()
     from accelerate.utils import broadcast_object_list
 
+    process_state()
     outcome: list = [None]
     if is_writer():
         try:
@@ -176,10 +185,9 @@ def any_rank(flag: bool) -> bool:
     if world_size() == 1:
         return flag
     import torch
-    from accelerate import PartialState
     from accelerate.utils import reduce
 
-    return bool(reduce(torch.tensor([float(flag)], device=PartialState().device), reduction="sum").item())
+    return bool(reduce(torch.tensor([float(flag)], device=process_state().device), reduction="sum").item())
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
         seconds = state.seconds_at(checkpoint_step(checkpoint))
     else:
         state, seconds = start_state(out, recipe), 0.0
-        state.metrics_before = {"denoise_loss_before": fixed_loss(trainer, fixed_batch, recipe.train.seed)}
+        state.metrics_before = {"denoise_loss_before": fixed_loss(trainer, fixed_batch)}
         state.save(out)
     clock, stop, peak = RunClock(out, state, seconds), StopControl(), MeasurePeak(lambda: trainer.optimizer)
     validation = Validation(recipe, denoiser, out, prompt)
@@ -77,7 +77,7 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
     images_seen = steps * facts["ranks"]["global_batch"]
     metrics = {
         **state.metrics_before,
-        "denoise_loss_after": fixed_loss(trainer, fixed_batch, recipe.train.seed),
+        "denoise_loss_after": fixed_loss(trainer, fixed_batch),
         "train_loss_mean": result.training_loss,
         **loss_summary(trainer.state.log_history),
         "steps": steps,
@@ -98,13 +98,26 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
     return out
 
 
-def fixed_loss(trainer: Trainer, batch: dict, seed: int) -> float:
+def fixed_loss(trainer: Trainer, batch: dict) -> float:
     denoiser = trainer.model.get_base_model()
     was_training = denoiser.training
     denoiser.eval()
-    loss = denoiser.fixed_loss(batch, seed, trainer.args.per_device_train_batch_size)
+    loss = denoiser.fixed_loss(batch, trainer.args.per_device_train_batch_size)
     denoiser.train(was_training)
     return round(loss, 6)
+
+
+class DrawEpoch(TrainerCallback):
+    """Tells the data set which epoch its samples draw for, before the epoch's first batch is fetched (also for a
+    resumed epoch). accelerate's data loader forwards its set_epoch to the data set only when the sampler is not
+    sharded, so under DDP it would not."""
+
+    def __init__(self, dataset: images.ImageTextDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is the float progress: exactly e at the start of epoch e, e + k/n when resumed k steps into it
+        self.dataset.epoch = int(state.epoch)
 
 
 class Validation(TrainerCallback):
@@ -161,8 +174,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, dict, dict, str]:
     if nf4 and device != "cuda":
         raise UserError(
             "model.quantization: nf4 for a diffusion task needs a CUDA GPU (diffusers' bitsandbytes quantizer "
-            "quantizes on CUDA only); set model.quantization: none (SD LoRA trains in full precision in under "
-            "12 GB)"
+            "quantizes on CUDA only); set model.quantization: none (LoRA on a full-precision UNet)"
         )
     if model.fsdp_version() is not None:
         raise UserError("FSDP: diffusion runs scale out with DDP (recipes/accelerate/ddp.yaml)")
@@ -180,7 +192,8 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, dict, dict, str]:
     for param in net.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    dataset = images.ImageTextDataset(examples, parts.tokenizer, recipe, class_examples)
+    draws = diffusion.latent_draws(parts.vae.config, parts.noise_scheduler.config, recipe.diffusion.resolution)
+    dataset = images.ImageTextDataset(examples, parts.tokenizer, recipe, draws, class_examples)
     args = training_args(recipe, out, compute_dtype, has_eval=False)
     args.remove_unused_columns = False  # the Denoiser takes the collated batch as it is
     args.include_num_input_tokens_seen = "no"  # image runs count images
@@ -189,9 +202,9 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, dict, dict, str]:
         args=args,
         train_dataset=dataset,
         data_collator=images.collate,
-        callbacks=[LossLog(out / TRAIN_LOG)],
+        callbacks=[LossLog(out / TRAIN_LOG), DrawEpoch(dataset)],
     )
-    fixed = fixed_batch(examples, class_examples, parts.tokenizer, recipe)
+    fixed = fixed_batch(examples, class_examples, parts.tokenizer, recipe, draws)
     facts = {
         "base": {
             "path": base,
@@ -261,12 +274,17 @@ def class_images(recipe: Recipe, base: str, parts: diffusion.Components, dtype: 
 
 
 def fixed_batch(
-    examples: list[images.Example], class_examples: list[images.Example] | None, tokenizer, recipe: Recipe
+    examples: list[images.Example],
+    class_examples: list[images.Example] | None,
+    tokenizer,
+    recipe: Recipe,
+    draws: dict,
 ) -> dict:
-    """The first training images, centre-cropped and unflipped, for the denoising loss before and after training."""
+    """The first training images, centre-cropped and unflipped, with their epoch-0 draws of noise and timestep: the
+    denoising loss before and after training is measured on them."""
     still = dataclasses.replace(
         recipe, diffusion=dataclasses.replace(recipe.diffusion, center_crop=True, random_flip=False)
     )
-    fixed = images.ImageTextDataset(examples[: diffusion.FIXED_LOSS_IMAGES], tokenizer, still, class_examples)
+    fixed = images.ImageTextDataset(examples[: diffusion.FIXED_LOSS_IMAGES], tokenizer, still, draws, class_examples)
     count = min(len(fixed), diffusion.FIXED_LOSS_IMAGES)
     return images.collate([fixed[i] for i in range(count)])

@@ -114,23 +114,25 @@ def test_dreambooth_loss_is_instance_plus_weighted_prior(tiny_sd, tmp_path):
     denoiser = diffusion.Denoiser(parts, recipe)
     examples = images.instance_folder(folder, recipe.diffusion.instance_prompt)
     classes = [images.Example(examples[0].image, "a photo of dog", "class")]
-    dataset = images.ImageTextDataset(examples, parts.tokenizer, recipe, classes)
+    draws = diffusion.latent_draws(parts.vae.config, parts.noise_scheduler.config, 32)
+    dataset = images.ImageTextDataset(examples, parts.tokenizer, recipe, draws, classes)
     batch = images.collate([dataset[0], dataset[1]])
     assert batch["prior"].tolist() == [False, False, True, True]
-
-    torch.manual_seed(3)
     loss = denoiser(**batch)["loss"]
-    torch.manual_seed(3)
-    latents = denoiser.encode(batch["pixel_values"])
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, 1000, (4,))
+
     with torch.no_grad():
+        dist = parts.vae.encode(batch["pixel_values"]).latent_dist
+        latents = (dist.mean + dist.std * batch["posterior_noise"]) * parts.vae.config.scaling_factor
+        noise, t = batch["noise"], batch["timestep"]
         states = parts.text_encoder(batch["input_ids"])[0]
         pred = parts.unet(parts.noise_scheduler.add_noise(latents, noise, t), t, states).sample
     target = parts.noise_scheduler.get_velocity(latents, noise, t)
     per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     expected = per_sample[:2].mean() + 0.7 * per_sample[2:].mean()
     assert torch.allclose(loss, expected, rtol=1e-5)
+    # each sample's draws are its own: the same item alone gives the same loss as in the batch
+    alone = denoiser.sample_losses(images.collate([dataset[1]]))
+    assert torch.allclose(alone, per_sample[[1, 3]], rtol=1e-5)
 
 
 def test_dreambooth_run_generates_class_images_and_trains(tiny_sd, tmp_path):
@@ -386,3 +388,30 @@ def test_interrupted_image_run_checkpoints_and_resumes(tiny_sd, shapes, tmp_path
     assert cli.main(["train", str(path)]) == 0
     metrics = json.loads((tmp_path / "run" / "manifest.json").read_text())["metrics"]
     assert metrics["steps"] == 4 and metrics["resumed_from"].endswith("checkpoint-2")
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_same_lora_as_one_process_with_twice_the_batch(tiny_sd, shapes, tmp_path):
+    """torchrun, 2 ranks of batch 2 against 1 process of batch 4: every sample draws its own noise, timestep, crop and
+    flip, so the steps average the same losses."""
+    from safetensors.torch import load_file
+    from test_distributed import launch, losses
+
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    settings = {"diffusion": {"random_flip": True, "num_validation_images": 1}, "train": {"max_steps": 6}}
+    train(load_recipe(image_recipe(tmp_path / "one", tiny_sd(), shapes, **settings)))
+    result = launch(
+        2, "train", str(image_recipe(tmp_path / "two", tiny_sd(), shapes, **settings)), "train.batch_size=2"
+    )
+    assert result.returncode == 0, result.stderr
+    one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
+    theirs, ours = losses(one), losses(two)
+    assert sorted(ours) == list(range(1, 7))
+    assert max(abs(ours[step] - loss) / loss for step, loss in theirs.items()) <= 1e-4
+    a, b = load_file(one / "adapter" / LORA_WEIGHTS), load_file(two / "adapter" / LORA_WEIGHTS)
+    assert max(relative(a[k], b[k]) for k in a) <= 1e-3
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["ranks"]["world_size"] == 2 and manifest["ranks"]["global_batch"] == 4
+    assert len(list((two / "validation").glob("*.png"))) == 1  # written once, by rank 0
+    assert result.stdout.count("next: qlora-pipe merge") == 1

@@ -393,7 +393,7 @@ def _report(args: argparse.Namespace) -> None:
         + (f" (resumed from {s['resumed_from']})" if s["resumed_from"] else "")
     )
     print(f"train loss     {show(s['train_loss_first'], '.4f')} → {show(s['train_loss_last'], '.4f')}")
-    images = s["validation_overview"] is not None or s["denoise_loss_before"] is not None
+    images = s["images"]
     if images:
         print(f"denoise loss   {show(s['denoise_loss_before'], '.4f')} → {show(s['denoise_loss_after'], '.4f')}")
     else:

@@ -6,14 +6,17 @@ Works on a finished run and on one still training or interrupted (then from trai
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from qlora_pipe import UserError
+from qlora_pipe.config import DIFFUSION_TASKS
 from qlora_pipe.run import (
     LOSS_CURVE,
+    RUN_STATE,
     VALIDATION,
     VALIDATION_OVERVIEW,
     finished_metrics,
@@ -31,6 +34,7 @@ def summary(run: Path) -> dict:
     metrics = finished or {}
     return {
         "finished": finished is not None,
+        "images": started_recipe(run).get("task") in DIFFUSION_TASKS,
         "steps": metrics.get("steps", max((r["step"] for r in records), default=0)),
         "train_loss_first": train[0]["loss"] if train else None,
         "train_loss_last": train[-1]["loss"] if train else None,
@@ -54,6 +58,12 @@ def summary(run: Path) -> dict:
         "resumed_from": metrics.get("resumed_from"),
         "ranks": recorded_world_size(run),  # tokens are counted over all of them; memory is rank 0's
     }
+
+
+def started_recipe(run: Path) -> dict:
+    """The recipe a run started with (its run state is written before the first step)."""
+    path = run / RUN_STATE
+    return json.loads(path.read_text()).get("recipe", {}) if path.exists() else {}
 
 
 def plot(run: Path) -> Path:

@@ -13,6 +13,7 @@ import peft
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 from PIL import Image
 from tiny_diffusion import captioned_images, instance_images
 
@@ -415,3 +416,19 @@ def test_two_ranks_train_the_same_lora_as_one_process_with_twice_the_batch(tiny_
     assert manifest["ranks"]["world_size"] == 2 and manifest["ranks"]["global_batch"] == 4
     assert len(list((two / "validation").glob("*.png"))) == 1  # written once, by rank 0
     assert result.stdout.count("next: qlora-pipe merge") == 1
+
+
+def test_the_sd21_recipes_target_existing_modules_and_make_a_lora_of_a_few_mb():
+    """On SD 2.1's own UNet (built on the meta device from the recipe's facts): the recipes' targets are its 128
+    attention projections, and rank 4 makes 0.83M parameters, a 3.3 MB fp32 file."""
+    from diffusers import UNet2DConditionModel
+
+    for name in ("sd21_text_to_image_lora.yaml", "sd21_dreambooth_lora.yaml"):
+        recipe = load_recipe(ROOT / "recipes" / "seeds" / name)
+        config = json.loads((ROOT / SD21 / "unet" / "config.json").read_text())
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        wrapped = peft.get_peft_model(torch.nn.ModuleDict({"unet": unet}), diffusion.lora_config(recipe))
+        lora = {n: p.numel() for n, p in wrapped.named_parameters() if "lora_" in n}
+        assert len(lora) == 2 * 128
+        assert 2e6 < 4 * sum(lora.values()) < 5e6

@@ -443,10 +443,11 @@ def _adapter_combine(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from qlora_pipe.diffusion import makes_images
     from qlora_pipe.generate import generate, generate_image, generate_with_adapters
 
     image_options = {"--out": args.out, "--steps": args.steps, "--seed": args.seed, "--guidance": args.guidance}
-    if is_pipeline(args.path):
+    if makes_images(args.path):
         if args.adapter:
             raise UserError("--adapter is for language models; an image run's LoRA is loaded with its run")
         if not args.out:
@@ -464,11 +465,6 @@ def _generate(args: argparse.Namespace) -> None:
             print(f"[{name}] {text}")
         return
     print(generate(args.path, args.prompt, max_new_tokens=args.max_new_tokens))
-
-
-def is_pipeline(path: str) -> bool:
-    """An image run or a diffusers pipeline directory (what `generate` makes images from)."""
-    return image_run(path) or (Path(path) / "model_index.json").is_file()
 
 
 def _chat(args: argparse.Namespace) -> None:

@@ -26,6 +26,7 @@ from PIL import Image
 
 from qlora_pipe import UserError
 from qlora_pipe.config import TEXT_ENCODER_TARGETS, Recipe
+from qlora_pipe.model import NF4
 from qlora_pipe.rows import check_hub_id
 from qlora_pipe.run import LORA_WEIGHTS, image_run, load_run
 
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
 PIPELINES = ("StableDiffusionPipeline",)
+PREDICTIONS = ("epsilon", "v_prediction")
 # Where PEFT's keys for a LoRA on the Denoiser start, per pipeline component.
 PEFT_PREFIX = "base_model.model."
 COMPONENTS = ("unet", "text_encoder")
@@ -80,6 +82,11 @@ def full_pipeline(source: str | Path, dtype: torch.dtype):
     return StableDiffusionPipeline.from_pretrained(source, dtype=dtype)
 
 
+def makes_images(path: str | Path) -> bool:
+    """An image run or a diffusers pipeline directory (what `generate` makes images from)."""
+    return image_run(path) or (Path(path) / MODEL_INDEX).is_file()
+
+
 def load_for_generation(path: str | Path, dtype: torch.dtype):
     """A pipeline to generate with: an image run's base with its LoRA loaded (unfused, as trained), or a pipeline
     directory (a merged run, any StableDiffusionPipeline)."""
@@ -105,8 +112,8 @@ def bnb_unet_config(compute_dtype: torch.dtype):
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type=NF4["quant_type"],
+        bnb_4bit_use_double_quant=NF4["double_quant"],
         bnb_4bit_compute_dtype=compute_dtype,
     )
 
@@ -140,8 +147,8 @@ def load_components(base: str, dtype: torch.dtype, nf4: bool = False) -> Compone
 
 
 class Denoiser(torch.nn.Module):
-    """The trained model of a diffusion run: forward(pixel_values, input_ids, prior) returns the denoising loss of
-    the batch, as diffusers' text-to-image and DreamBooth LoRA scripts compute it."""
+    """The trained model of a diffusion run: forward(**batch) returns the denoising loss of a batch of
+    images.ImageTextDataset items, as diffusers' text-to-image and DreamBooth LoRA scripts compute it."""
 
     def __init__(self, parts: Components, recipe: Recipe):
         super().__init__()
@@ -180,12 +187,10 @@ class Denoiser(torch.nn.Module):
         noisy = sched.add_noise(latents, noise.to(latents.dtype), timesteps)
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             states = self.text_encoder(batch["input_ids"], return_dict=False)[0]
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
+        if self.prediction_type == "v_prediction":
             target = sched.get_velocity(latents, noise.to(latents.dtype), timesteps)
         else:
-            raise UserError(f"the base's scheduler predicts {self.prediction_type!r}; epsilon and v_prediction train")
+            target = noise
         pred = self.unet(noisy.to(self.unet.dtype), timesteps, states.to(self.unet.dtype), return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return loss * self.snr_weights(timesteps) if self.snr_gamma is not None else loss

@@ -13,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 
+import bitsandbytes as bnb
 import peft
 import torch
 from transformers import Trainer, TrainerCallback
@@ -35,6 +36,7 @@ from qlora_pipe.run import (
     checkpoint_step,
     is_writer,
     on_writer,
+    process_state,
     resume_point,
     resumed_state,
     start_state,
@@ -183,6 +185,12 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, dict, dict, str]:
     on_writer(lambda: check_data(recipe, examples, out))
     compute_dtype = model.resolve_compute_dtype(recipe.model.compute_dtype)
     parts = diffusion.load_components(base, compute_dtype, nf4)
+    prediction = parts.noise_scheduler.config.prediction_type
+    if prediction not in diffusion.PREDICTIONS:
+        raise UserError(
+            f"model.base: its scheduler predicts {prediction!r}; LoRA training supports "
+            f"{' and '.join(diffusion.PREDICTIONS)}"
+        )
     class_examples = class_images(recipe, base, parts, compute_dtype) if recipe.diffusion.class_prompt else None
     quantized = quantized_modules(parts.unet) if nf4 else None  # named before LoRA wraps them
     torch.manual_seed(recipe.train.seed)  # LoRA A is drawn at get_peft_model time
@@ -229,8 +237,6 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, dict, dict, str]:
 
 
 def quantized_modules(unet: torch.nn.Module) -> list[str]:
-    import bitsandbytes as bnb
-
     return [name for name, m in unet.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
@@ -258,6 +264,7 @@ def class_images(recipe: Recipe, base: str, parts: diffusion.Components, dtype: 
         pipe = diffusion.pipeline_from(
             base, {"unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder}, dtype
         )
+        pipe.to(process_state().device)  # where the writer trains: the GPU, not the CPU the parts were loaded on
         pipe.set_progress_bar_config(disable=True)
         for i in tqdm(range(have, g.num_class_images), desc="generating class images", unit="image"):
             with torch.no_grad():

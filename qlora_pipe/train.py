@@ -12,14 +12,17 @@ import dataclasses
 import json
 import logging
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import peft
 import torch
 import trl.kernels.chunked_logprob as trl_head
 import trl.trainer.utils as trl_utils
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+from transformers.trainer_utils import TrainOutput
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -67,6 +70,63 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
     out = Path(recipe.output_dir)
     check_resume(resume)
     trainer, facts = build_trainer(recipe)
+
+    def measure_before() -> dict:
+        if trainer.eval_dataset is None:
+            return {}
+        before = eval_metrics(trainer, "before", recipe.train.label_accuracy)
+        undo_eval_preparation(trainer)
+        return before
+
+    predicted = predicted_peak(recipe, trainer)
+    run = run_trainer(trainer, recipe, resume, measure_before)
+    metrics = dict(run.metrics_before)
+    if trainer.eval_dataset is not None:
+        metrics |= eval_metrics(trainer, "after", recipe.train.label_accuracy)
+    seconds = run.clock.seconds()
+    metrics |= {
+        "train_loss_mean": run.result.training_loss,
+        **loss_summary(trainer.state.log_history),
+        "steps": trainer.state.global_step,
+        "train_seconds": round(seconds, 2),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),
+        "resumed_from": str(run.checkpoint) if run.checkpoint else None,
+        **peak_memory(run.peak.earlier_peak),
+        "peak_step_memory_predicted_gib": round(predicted / GIB, 3) if predicted else None,
+        "peak_step_memory_measured_gib": round(run.peak.peak / GIB, 3) if run.peak.peak else None,
+    }
+    save_adapter(trainer, out)
+    if is_writer():
+        write_manifest(out, "train", recipe=recipe_to_dict(recipe), **facts, adapter=ADAPTER, metrics=metrics)
+        logger.info("adapter written to %s", out / ADAPTER)
+    wait_for_writer()  # no rank returns before the run directory is complete
+    return out
+
+
+@dataclass
+class Trained:
+    """What trainer.train() leaves for the manifest."""
+
+    result: TrainOutput
+    metrics_before: dict
+    clock: RunClock
+    peak: MeasurePeak
+    checkpoint: Path | None
+
+
+def run_trainer(
+    trainer: Trainer,
+    recipe: Recipe,
+    resume: str,
+    measure_before: Callable[[], dict],
+    callbacks: tuple[TrainerCallback, ...] = (),
+) -> Trained:
+    """Train, for every task alike: from the checkpoint `resume` names (`auto`: the newest complete one; data order,
+    RNG states, optimizer, scheduler and step restored by the Trainer) or from the start (measuring `measure_before`
+    first), with the callbacks that time, stop and measure a run; a user error when it diverged or was
+    interrupted."""
+    out = Path(recipe.output_dir)
     checkpoint = resume_point(out, resume)
     wait_for_writer()  # the writer has removed what resume_point dropped before anyone trains
     if checkpoint:
@@ -75,42 +135,16 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
         seconds = state.seconds_at(checkpoint_step(checkpoint))
     else:
         state, seconds = start_state(out, recipe), 0.0
-        if trainer.eval_dataset is not None:
-            state.metrics_before = eval_metrics(trainer, "before", recipe.train.label_accuracy)
-            undo_eval_preparation(trainer)
+        state.metrics_before = measure_before()
         state.save(out)
-    clock = RunClock(out, state, seconds)
-    stop = StopControl()
-    peak = MeasurePeak(lambda: trainer.optimizer)
-    for callback in (clock, stop, peak):
+    clock, stop, peak = RunClock(out, state, seconds), StopControl(), MeasurePeak(lambda: trainer.optimizer)
+    for callback in (clock, stop, peak, *callbacks):
         trainer.add_callback(callback)
-    predicted = predicted_peak(recipe, trainer)
     with graceful_stop(stop):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wait_for_writer()  # every rank has written its part of the last checkpoint before anyone judges it complete
     check_stopped(stop, out, trainer.state.global_step)
-    metrics = dict(state.metrics_before)
-    if trainer.eval_dataset is not None:
-        metrics |= eval_metrics(trainer, "after", recipe.train.label_accuracy)
-    seconds = clock.seconds()
-    metrics |= {
-        "train_loss_mean": result.training_loss,
-        **loss_summary(trainer.state.log_history),
-        "steps": trainer.state.global_step,
-        "train_seconds": round(seconds, 2),
-        "tokens_seen": trainer.state.num_input_tokens_seen,
-        "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        **peak_memory(peak.earlier_peak),
-        "peak_step_memory_predicted_gib": round(predicted / GIB, 3) if predicted else None,
-        "peak_step_memory_measured_gib": round(peak.peak / GIB, 3) if peak.peak else None,
-    }
-    save_adapter(trainer, out)
-    if is_writer():
-        write_manifest(out, "train", recipe=recipe_to_dict(recipe), **facts, adapter=ADAPTER, metrics=metrics)
-        logger.info("adapter written to %s", out / ADAPTER)
-    wait_for_writer()  # no rank returns before the run directory is complete
-    return out
+    return Trained(result, dict(state.metrics_before), clock, peak, checkpoint)
 
 
 def save_adapter(trainer, out: Path) -> None:

@@ -19,9 +19,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from qlora_pipe import UserError, diffusion, images, model
-from qlora_pipe.callbacks import LossLog, RunClock, StopControl, graceful_stop
+from qlora_pipe.callbacks import LossLog
 from qlora_pipe.config import Recipe, local_device, recipe_to_dict, report_to
-from qlora_pipe.estimate import GIB, MeasurePeak, peak_memory
+from qlora_pipe.estimate import GIB, peak_memory
 from qlora_pipe.manifest import atomic_dir, fingerprint_weights, write_manifest
 from qlora_pipe.run import (
     ADAPTER,
@@ -33,16 +33,12 @@ from qlora_pipe.run import (
     check_launcher,
     check_output_dir,
     check_resume,
-    checkpoint_step,
     is_writer,
     on_writer,
     process_state,
-    resume_point,
-    resumed_state,
-    start_state,
     wait_for_writer,
 )
-from qlora_pipe.train import check_stopped, check_trackers, loss_summary, ranks_facts, training_args
+from qlora_pipe.train import check_trackers, loss_summary, ranks_facts, run_trainer, training_args
 
 logger = logging.getLogger(__name__)
 
@@ -53,42 +49,29 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
     out = Path(recipe.output_dir)
     check_resume(resume)
     trainer, facts, fixed_batch, prompt = build_trainer(recipe)
-    denoiser = trainer.model.get_base_model()
-    checkpoint = resume_point(out, resume)
-    wait_for_writer()
-    if checkpoint:
-        logger.info("resuming from %s (step %d)", checkpoint, checkpoint_step(checkpoint))
-        state = resumed_state(out, recipe, checkpoint)
-        seconds = state.seconds_at(checkpoint_step(checkpoint))
-    else:
-        state, seconds = start_state(out, recipe), 0.0
-        state.metrics_before = {"denoise_loss_before": fixed_loss(trainer, fixed_batch)}
-        state.save(out)
-    clock, stop, peak = RunClock(out, state, seconds), StopControl(), MeasurePeak(lambda: trainer.optimizer)
-    validation = Validation(recipe, denoiser, out, prompt)
-    for callback in (clock, stop, peak, validation):
-        trainer.add_callback(callback)
-    with graceful_stop(stop):
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    wait_for_writer()
-    check_stopped(stop, out, trainer.state.global_step)
+    validation = Validation(recipe, trainer.model.get_base_model(), out, prompt)
+
+    def measure_before() -> dict:
+        return {"denoise_loss_before": fixed_loss(trainer, fixed_batch)}
+
+    run = run_trainer(trainer, recipe, resume, measure_before, (validation,))
     steps = trainer.state.global_step
     if validation.last != steps:
         validation.write(steps)
-    seconds = clock.seconds()
+    seconds = run.clock.seconds()
     images_seen = steps * facts["ranks"]["global_batch"]
     metrics = {
-        **state.metrics_before,
+        **run.metrics_before,
         "denoise_loss_after": fixed_loss(trainer, fixed_batch),
-        "train_loss_mean": result.training_loss,
+        "train_loss_mean": run.result.training_loss,
         **loss_summary(trainer.state.log_history),
         "steps": steps,
         "train_seconds": round(seconds, 2),
         "images_seen": images_seen,
         "images_per_second": round(images_seen / max(seconds, 1e-9), 3),
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        **peak_memory(peak.earlier_peak),
-        "peak_step_memory_measured_gib": round(peak.peak / GIB, 3) if peak.peak else None,
+        "resumed_from": str(run.checkpoint) if run.checkpoint else None,
+        **peak_memory(run.peak.earlier_peak),
+        "peak_step_memory_measured_gib": round(run.peak.peak / GIB, 3) if run.peak.peak else None,
     }
     if is_writer():
         state_dict = peft.get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from qlora_pipe import UserError
 from qlora_pipe.config import Recipe
-from qlora_pipe.rows import check_hub_id, is_local
-
-logger = logging.getLogger(__name__)
+from qlora_pipe.rows import hub_table, is_local
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
@@ -143,17 +140,7 @@ def metadata_folder(folder: Path, columns: dict[str, str] | None) -> list[Exampl
 def hub_examples(name: str, columns: dict[str, str] | None, *, text_column: bool, prompt: str = "") -> list[Example]:
     """A hub image data set (from the local cache when offline): the `image` column, and a `text` caption column or
     one prompt for every row."""
-    import datasets
-
-    check_hub_id(name, "data.train", "folder")
-    try:
-        table = datasets.load_dataset(name, split="train")
-    except (OSError, ConnectionError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"data.train: the hub data set {name} cannot be loaded ({first}); without network it must be in the "
-            "local cache: download it first, or give a local image folder"
-        ) from None
+    table = hub_table(name, "data.train", "image folder")
     image_key, text_key = (columns or {}).get("image", "image"), (columns or {}).get("text", "text")
     wanted = [image_key, text_key] if text_column else [image_key]
     missing = [c for c in wanted if c not in table.column_names]

@@ -11,7 +11,6 @@ any device by quant.py, as for language models), not into the original ones.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -21,8 +20,6 @@ from qlora_pipe import diffusion, quant
 from qlora_pipe.manifest import atomic_dir, write_manifest
 from qlora_pipe.merge import check_disk, check_fingerprint
 from qlora_pipe.run import MERGE_REPORT, MERGED, Run, load_run
-
-logger = logging.getLogger(__name__)
 
 # Probe inputs of the verification: this many latents, at timesteps spread over the schedule.
 PROBES = 2

@@ -175,16 +175,22 @@ def _is_jsonl(path: Path) -> bool:
         return False
 
 
-def read_hub(name: str, key: str) -> Rows:
-    check_hub_id(name, key, "file")
+def hub_table(name: str, key: str, local: str = "file") -> datasets.Dataset:
+    """The train split of hub data set `name` (from the local cache when offline); a user error naming `key` and the
+    `local` alternative when it cannot be loaded."""
+    check_hub_id(name, key, local)
     try:
-        table = datasets.load_dataset(name, split="train")
+        return datasets.load_dataset(name, split="train")
     except (OSError, ConnectionError) as e:  # offline, not in the local cache, no such data set
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"{key}: the hub data set {name} cannot be loaded ({first}); without network it must be in the local "
-            "cache: download it first, or give a local file"
+            f"cache: download it first, or give a local {local}"
         ) from None
+
+
+def read_hub(name: str, key: str) -> Rows:
+    table = hub_table(name, key)
     return Rows(table.to_list(), [f"{name}: row {i}" for i in range(1, len(table) + 1)], {"hub": name})
 
 

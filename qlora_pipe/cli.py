@@ -337,9 +337,10 @@ def _loftq(args: argparse.Namespace) -> None:
     out = run_loftq(recipe, device=args.device)
     summary = json.loads((out / LOFTQ_REPORT).read_text())["summary"]
     print(
-        f"\nLoftQ over {summary['matrices']} matrices ({summary['seconds']:.1f} s): relative error "
-        f"‖W−Q‖ {summary['relative_error_q']:.4f} → ‖W−(Q+s·B·A)‖ {summary['relative_error_loftq']:.4f} "
-        f"({summary['matrices_improved']} of {summary['matrices']} matrices improved)"
+        f"\nLoftQ over {summary['matrices']} matrices ({summary['seconds']:.1f} s): relative error plain NF4 "
+        f"‖W−NF4(W)‖ {summary['relative_error_nf4']:.4f} → ‖W−(Q+s·B·A)‖ {summary['relative_error_loftq']:.4f}, "
+        f"{100 * summary['improvement']:.1f} % lower ({summary['matrices_improved']} of {summary['matrices']} "
+        f"matrices improved, by {100 * summary['improvement_min']:.1f}–{100 * summary['improvement_max']:.1f} %)"
     )
     print(f"backbone and adapter_init: {out}")
 

@@ -53,8 +53,9 @@ class Fit:
     backbone: torch.Tensor  # what is stored: training re-quantizes it into exactly `q`
     a: torch.Tensor
     b: torch.Tensor
-    error_q: float  # ‖W − Q‖_F, Q as training loads it
-    error_loftq: float  # ‖W − (Q + s·B·A)‖_F
+    error_nf4: float  # ‖W − NF4(W)‖_F: plain NF4 of the original weight, what training without this stage starts from
+    error_backbone: float  # ‖W − Q‖_F, the backbone alone, Q as training loads it
+    error_loftq: float  # ‖W − (Q + s·B·A)‖_F: where training with this stage starts
     norm_w: float
     seconds: float
 
@@ -89,7 +90,7 @@ def fit_pissa(
 ) -> Fit:
     """PiSSA on one (out, in) weight, quantized as in its paper (QPiSSA): the adapter starts as W's principal rank-r
     part L·R (its top singular directions) and the backbone is the residual W − L·R, which training quantizes; the
-    model starts at Q(W − L·R) + L·R. `error_q` is plain NF4's ‖W − Q(W)‖, for comparison."""
+    model starts at Q(W − L·R) + L·R."""
     start = time.monotonic()
     w = weight.to(device, torch.float32)
     left, right = low_rank(w, rank, svd)
@@ -105,6 +106,7 @@ def fit_pissa(
         a.cpu(),
         b.cpu(),
         torch.linalg.matrix_norm(w - nf4_roundtrip(w, quantization, device)).item(),
+        torch.linalg.matrix_norm(w - q).item(),
         torch.linalg.matrix_norm(w - (q + scaling * (b @ a))).item(),
         torch.linalg.matrix_norm(w).item(),
         time.monotonic() - start,
@@ -125,9 +127,11 @@ def fit_matrix(
     stored Q, so the final A, B are fitted to the re-quantized one (None: fit to Q as found, as PEFT does)."""
     start = time.monotonic()
     w = weight.to(device, torch.float32)
-    target, best = w, None
+    target, best, error_nf4 = w, None, None
     for _ in range(iters):
         q = nf4_roundtrip(target, quantization, device)
+        if error_nf4 is None:  # the first target is W itself: this Q is plain NF4's
+            error_nf4 = torch.linalg.matrix_norm(w - q).item()
         left, right = low_rank(w - q, rank, svd)
         error = torch.linalg.matrix_norm(w - q - left @ right).item()
         if best is None or error < best[0]:
@@ -148,6 +152,7 @@ def fit_matrix(
         backbone.cpu(),
         a.cpu(),
         b.cpu(),
+        error_nf4,
         torch.linalg.matrix_norm(w - q).item(),
         error_loftq,
         torch.linalg.matrix_norm(w).item(),
@@ -222,8 +227,10 @@ def run_loftq(recipe: Recipe, *, device: str = "auto") -> Path:
         facts = {
             "key": ref.key,
             "module": keys[ref.key],
-            "error_q": fit.error_q,
+            "error_nf4": fit.error_nf4,
+            "error_backbone": fit.error_backbone,
             "error_loftq": fit.error_loftq,
+            "improvement": 1 - fit.error_loftq / fit.error_nf4,
             "norm_w": fit.norm_w,
             "seconds": fit.seconds,
         }
@@ -247,10 +254,13 @@ def run_loftq(recipe: Recipe, *, device: str = "auto") -> Path:
     shutil.rmtree(partial)
     s = report["summary"]
     logger.info(
-        "LoftQ: %d matrices, relative error ‖W−Q‖ %.4f → ‖W−(Q+sBA)‖ %.4f, %.1f s",
+        "LoftQ: %d matrices, relative error plain NF4 ‖W−NF4(W)‖ %.4f → ‖W−(Q+sBA)‖ %.4f (%.1f %% lower; "
+        "backbone alone ‖W−Q‖ %.4f), %.1f s",
         s["matrices"],
-        s["relative_error_q"],
+        s["relative_error_nf4"],
         s["relative_error_loftq"],
+        100 * s["improvement"],
+        s["relative_error_backbone"],
         s["seconds"],
     )
     return out
@@ -304,14 +314,18 @@ def write_adapter(recipe: Recipe, backbone: Path, out: Path, tensors: dict[str, 
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Totals over the matrices (Frobenius norms of the stacked errors). The baseline is plain NF4 of the original
+    weights, what the user trains from without this stage; `improvement` is 1 − ‖W − (Q + s·B·A)‖ / ‖W − NF4(W)‖."""
     norm_w = math.sqrt(sum(r["norm_w"] ** 2 for r in rows))
+    totals = {name: math.sqrt(sum(r[f"error_{name}"] ** 2 for r in rows)) for name in ("nf4", "backbone", "loftq")}
     return {
         "matrices": len(rows),
-        "error_q": math.sqrt(sum(r["error_q"] ** 2 for r in rows)),
-        "error_loftq": math.sqrt(sum(r["error_loftq"] ** 2 for r in rows)),
-        "relative_error_q": math.sqrt(sum(r["error_q"] ** 2 for r in rows)) / norm_w,
-        "relative_error_loftq": math.sqrt(sum(r["error_loftq"] ** 2 for r in rows)) / norm_w,
-        "matrices_improved": sum(r["error_loftq"] < r["error_q"] for r in rows),
+        **{f"error_{name}": total for name, total in totals.items()},
+        **{f"relative_error_{name}": total / norm_w for name, total in totals.items()},
+        "improvement": 1 - totals["loftq"] / totals["nf4"],
+        "improvement_min": min(r["improvement"] for r in rows),
+        "improvement_max": max(r["improvement"] for r in rows),
+        "matrices_improved": sum(r["error_loftq"] < r["error_nf4"] for r in rows),
         "seconds": sum(r["seconds"] for r in rows),
     }
 

@@ -55,7 +55,7 @@ def child(kind: str, shape_name: str) -> None:
     else:
         quantization = {**NF4, "load_dtype": "bfloat16"}
         fit = loftq.fit_matrix(w, quantization, RANK, ALPHA / RANK, ITERS, kind, torch.bfloat16, torch.device("cpu"))
-        seconds, error_q, error_loftq, norm = fit.seconds, fit.error_q, fit.error_loftq, fit.norm_w
+        seconds, error_q, error_loftq, norm = fit.seconds, fit.error_backbone, fit.error_loftq, fit.norm_w
     print(json.dumps({"seconds": seconds, "rel_error_q": error_q / norm, "rel_error_loftq": error_loftq / norm}))
 
 

@@ -13,7 +13,6 @@ that `qlora-pipe merge`, `eval`, `generate` and `adapter inspect` take it as the
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from qlora_pipe import UserError
 from qlora_pipe.adapters import Adapter, load_adapter
 from qlora_pipe.config import DENSITY_METHODS
 from qlora_pipe.manifest import atomic_dir, write_manifest
-from qlora_pipe.run import Run, find_adapter
+from qlora_pipe.run import Run, TrainedOn, base_mismatch, find_adapter, trained_on
 
 RUN_FACTS = ("recipe", "base", "quantization", "task", "labels", "packing", "data")
 
@@ -41,17 +40,8 @@ class Source:
     run: Run | None
 
     @property
-    def base(self) -> str:
-        """The base it was trained on, by name."""
-        if self.run is not None:
-            return self.run.base
-        return str(json.loads((self.adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path"))
-
-    @property
-    def base_identity(self) -> str:
-        """The base's weight fingerprint when its run recorded one, else its name."""
-        fingerprint = self.run.manifest["base"].get("weights_fingerprint") if self.run else None
-        return json.dumps(fingerprint, sort_keys=True) if fingerprint else self.base
+    def trained_on(self) -> TrainedOn:
+        return trained_on(self.adapter_dir, self.run)
 
 
 def source(path: Path) -> Source:
@@ -65,12 +55,16 @@ def source(path: Path) -> Source:
 
 
 def check_sources(sources: list[Source], paths: list[Path]) -> None:
-    """Adapters combine only when they were trained on the same base and adapt the same layers."""
-    if len({s.base_identity for s in sources}) > 1:
-        listed = "; ".join(f"{p}: {s.base}" for p, s in zip(paths, sources, strict=True))
-        raise UserError(
-            f"the adapters were trained on different bases or base weights ({listed}); combine adapters of one base"
-        )
+    """Adapters combine only when they were trained on the same base (run.base_mismatch) and adapt the same
+    layers."""
+    for path, other in zip(paths[1:], sources[1:], strict=True):
+        ours, theirs = sources[0].trained_on, other.trained_on
+        mismatch = base_mismatch(ours, theirs)
+        if mismatch:
+            raise UserError(
+                f"the adapters were trained on different bases ({mismatch}): {path} on {theirs}, {paths[0]} on "
+                f"{ours}; combine adapters of one base"
+            )
     shapes = [{m: (a.shape[1], b.shape[0]) for m, (a, b) in s.adapter.lora.items()} for s in sources]
     for path, theirs in zip(paths[1:], shapes[1:], strict=True):
         clash = [m for m in theirs.keys() & shapes[0].keys() if theirs[m] != shapes[0][m]]

@@ -20,8 +20,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from qlora_pipe import UserError, data
 from qlora_pipe.config import LABEL_TOKENS, DataConfig, Recipe
-from qlora_pipe.model import load_for_inference, load_with_adapters
-from qlora_pipe.run import recipe_behind
+from qlora_pipe.model import load_for_inference, load_with_adapters, weight_files
+from qlora_pipe.run import check_adapter_bases, recipe_behind
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def evaluate_adapters(
 ) -> dict[str, dict]:
     """The base of `path` alone and with each adapter (the run's own included), on one data set, the base loaded
     once: {"base": metrics, name: metrics, ...}."""
+    check_adapter_bases(Path(path), adapters, weight_files)
     recipe = recipe_behind(Path(path)) or next(filter(None, (recipe_behind(Path(d)) for d in adapters.values())), None)
     cfg, source = eval_data_config(recipe, data_file)
     net, tokenizer, names = load_with_adapters(path, adapters)

@@ -50,7 +50,7 @@ from typing import TypeVar
 
 from qlora_pipe import UserError
 from qlora_pipe.config import DIFFUSION_TASKS, Recipe, recipe_from_dict, recipe_to_dict
-from qlora_pipe.manifest import MANIFEST, read_manifest, write_json
+from qlora_pipe.manifest import MANIFEST, fingerprint_weights, read_manifest, write_json
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -280,6 +280,98 @@ def find_adapter(path: str | Path) -> tuple[Path, Run | None]:
     if not (path / "adapter_model.safetensors").exists():
         raise UserError(f"{path}: no adapter_model.safetensors; adapters are read from safetensors only")
     return path, None
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """The base an adapter was trained on, as far as its directory tells: the base by name, the fingerprint of its
+    weights (a LoftQ run's is its backbone's) and the quantization that decided the weights training multiplied by.
+    `weights` and `quantization` are None where nothing recorded them (a bare PEFT adapter)."""
+
+    base: str
+    weights: str | None = None
+    quantization: str | None = None
+
+    def __str__(self) -> str:
+        loftq = Path(self.base).parent.name == LOFTQ and Path(self.base).name == BACKBONE
+        return f"{'the LoftQ backbone ' if loftq else ''}{self.base}" + (
+            f" ({self.quantization})" if self.quantization else ""
+        )
+
+
+def base_name(base: str) -> str:
+    """A base's name, local directories resolved (a run records its base as the recipe gave it)."""
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.is_dir() else base
+
+
+def quantization_identity(quantization: dict) -> str:
+    """The settings that decide the weights an adapter was trained on: NF4's (its block scales come from the load
+    dtype) or none."""
+    if quantization["method"] != "nf4":
+        return quantization["method"]
+    settings = ", ".join(f"{k} {quantization.get(k)}" for k in ("double_quant", "blocksize", "load_dtype"))
+    return f"{quantization.get('quant_type', 'nf4')}: {settings}"
+
+
+def trained_on(adapter_dir: Path, run: Run | None) -> TrainedOn:
+    """What the adapter in `adapter_dir` (of `run`, when it has one) was trained on."""
+    if run is None:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        return TrainedOn(base_name(str(config.get("base_model_name_or_path"))))
+    fingerprint = run.manifest["base"].get("weights_fingerprint")
+    return TrainedOn(
+        base_name(run.base),
+        json.dumps(fingerprint, sort_keys=True) if fingerprint else None,
+        quantization_identity(run.quantization),
+    )
+
+
+def base_mismatch(ours: TrainedOn, theirs: TrainedOn) -> str | None:
+    """Why adapters trained on `ours` and on `theirs` do not belong together, in words, or None when they do: the
+    weights' fingerprints where both are recorded (else the names), and the quantization where both are recorded.
+    `adapter combine` and `eval --adapter` both decide with this."""
+    if ours.weights and theirs.weights:
+        if ours.weights != theirs.weights:
+            return "the weights' fingerprints differ"
+    elif ours.base != theirs.base:
+        return "the bases differ"
+    if ours.quantization and theirs.quantization and ours.quantization != theirs.quantization:
+        return "the quantization differs"
+    return None
+
+
+def evaluated_base(path: Path, weight_files: Callable[[str], list[Path]]) -> TrainedOn | None:
+    """The base that `eval PATH --adapter ...` loads the adapters beside: a run's (or combined adapter's) base as
+    trained, NF4 included, or a model directory's weights as they are (its quantization is then not compared: it is
+    loaded unquantized, and an NF4-trained adapter on the full-precision base is a fair question); None when PATH is
+    neither."""
+    run_dir = run_dir_of(path)
+    if run_dir is not None:
+        run = load_run(run_dir)
+        return trained_on(run.adapter, run)
+    if (path / "config.json").exists():
+        files = weight_files(str(path))
+        return TrainedOn(
+            base_name(str(path)), json.dumps(fingerprint_weights(files), sort_keys=True) if files else None
+        )
+    return None
+
+
+def check_adapter_bases(path: Path, adapters: dict[str, Path], weight_files: Callable[[str], list[Path]]) -> None:
+    """Refuse, by name, an adapter (NAME → DIR) trained on another base than the one loaded from `path` (another
+    base or LoftQ backbone, other weights, another quantization), as `adapter combine` refuses it (base_mismatch)."""
+    ours = evaluated_base(path, weight_files)
+    if ours is None:
+        return  # not a run or a model directory: loading it says so
+    for name, where in adapters.items():
+        theirs = trained_on(*find_adapter(where))
+        mismatch = base_mismatch(ours, theirs)
+        if mismatch:
+            raise UserError(
+                f"--adapter {name}={where}: trained on {theirs}, but {path} loads {ours} ({mismatch}); use it with "
+                "the base it was trained on (its own run directory)"
+            )
 
 
 def recipe_behind(path: Path) -> Recipe | None:

@@ -7,6 +7,7 @@ refused."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -16,10 +17,12 @@ import yaml
 from conftest import DEMO_DATA
 from safetensors.torch import save_file
 
-from qlora_pipe import cli, model
+import qlora_pipe.evaluate as evaluate_module
+from qlora_pipe import UserError, cli, model
 from qlora_pipe.adapters import load_adapter
 from qlora_pipe.analysis import effective_rank, module_summary, similarity, spectrum
 from qlora_pipe.config import load_recipe
+from qlora_pipe.run import check_adapter_bases
 from qlora_pipe.train import train
 
 SHAPES = [(16, 4, 24), (40, 8, 6), (5, 8, 30), (64, 16, 48)]  # (out, r, in): r above in or out too
@@ -246,3 +249,46 @@ def test_several_adapters_on_one_base_equal_each_alone(runs, monkeypatch, capsys
     assert "not usable as a PEFT adapter name" in capsys.readouterr().err
     assert cli.main(["generate", str(runs[8]), "--prompt", "hi", "--adapter", "r4"]) == 2
     assert "give NAME=DIR" in capsys.readouterr().err
+
+
+def test_eval_refuses_by_name_an_adapter_of_another_base(runs, tiny_model, tmp_path, monkeypatch, capsys):
+    """`eval --adapter` takes the adapters that `adapter combine` takes together with the evaluated run's: a LoftQ
+    run's adapter (trained on its backbone) beside a plain NF4 run, the plain run's adapter beside the LoftQ run, or
+    one trained on the unquantized base, is refused by its name with one message, before any model is loaded."""
+    loftq_recipe = {
+        **yaml.safe_load((runs[4].parent / "r4.yaml").read_text()),
+        "lora": {"r": 4, "alpha": 8, "init": "loftq", "loftq_svd": "exact", "loftq_iters": 1},
+        "output_dir": str(tmp_path / "loftq"),
+    }
+    (tmp_path / "loftq.yaml").write_text(yaml.safe_dump(loftq_recipe))
+    loftq_run = train(load_recipe(tmp_path / "loftq.yaml"))
+    unquantized = tmp_path / "unquantized"  # runs[4] as if trained on the bf16 base, not NF4
+    shutil.copytree(runs[4], unquantized)
+    manifest = json.loads((unquantized / "manifest.json").read_text())
+    manifest["quantization"] = {"method": "none", "load_dtype": "bfloat16", "compute_dtype": "bfloat16"}
+    (unquantized / "manifest.json").write_text(json.dumps(manifest))
+    loaded = []
+    monkeypatch.setattr(evaluate_module, "load_with_adapters", lambda *a: loaded.append(a))
+    capsys.readouterr()  # the LoftQ run's own output
+
+    cases = [
+        (runs[8], "loftq", loftq_run, "the weights' fingerprints differ"),
+        (loftq_run, "r8", runs[8], "the weights' fingerprints differ"),
+        (runs[8], "bf16", unquantized, "the quantization differs"),
+    ]
+    for path, name, where, why in cases:
+        fits = [] if path == loftq_run else ["--adapter", f"r4={runs[4]}"]  # one that fits, named first
+        assert cli.main(["eval", str(path), *fits, "--adapter", f"{name}={where}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"--adapter {name}={where}: trained on" in err and why in err, err
+        assert ("the LoftQ backbone" in err) == (loftq_run in (path, where)), err
+    # the very check `adapter combine` makes
+    weights = ["--weights", "1", "1", "--method", "cat", "--out", str(tmp_path / "combined")]
+    assert cli.main(["adapter", "combine", str(runs[8]), str(loftq_run), *weights]) == 2
+    assert "trained on different bases (the weights' fingerprints differ)" in capsys.readouterr().err
+    # a plain model directory is compared by its weights: the NF4 runs' adapters fit their base, LoftQ's does not
+    check_adapter_bases(tiny_model("llama"), {"r4": runs[4], "r8": runs[8] / "adapter"}, model.weight_files)
+    with pytest.raises(UserError, match="--adapter loftq=.*the weights' fingerprints differ"):
+        check_adapter_bases(tiny_model("llama"), {"r4": runs[4], "loftq": loftq_run}, model.weight_files)
+    assert loaded == []

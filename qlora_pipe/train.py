@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import peft
 import torch
 import trl.kernels.chunked_logprob as trl_head
 import trl.trainer.utils as trl_utils
+from accelerate.data_loader import BatchSamplerShard
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from transformers.trainer_utils import TrainOutput
@@ -247,7 +249,7 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     else:
         vocab_size = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
         configure_loss_head(loss_chunk_tokens(recipe.train.loss_chunk_tokens, vocab_size, device), vocab_size)
-        trainer = SFTTrainer(**common)
+        trainer = RowsOnceSFTTrainer(**common)
     # Everything that trains (LoRA A/B, a classifier head trained whole) is fp32, and so are its gradients and
     # optimizer states: updates smaller than bf16's resolution would otherwise be lost. TRL casts a quantized model's
     # adapter to bf16, but PEFT loads adapters (and the Trainer resumes them) in fp32: fp32 throughout also makes a
@@ -281,6 +283,85 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         "ranks": ranks_facts(trainer),
     }
     return trainer, facts
+
+
+class RowsOnceSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer, whose ranks together train every row once per epoch, as one process does (RankBatches)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_collator = EmptyBatchTrainsNothing(self.data_collator, self.processing_class.pad_token_id)
+
+    def get_train_dataloader(self):
+        return rows_once(super().get_train_dataloader())
+
+
+def rows_once(loader):
+    """Make the ranks of `loader` (accelerate's DataLoaderShard) take RankBatches' batches."""
+    shard = getattr(loader, "batch_sampler", None)
+    if not isinstance(shard, BatchSamplerShard) or shard.num_processes == 1 or shard.split_batches:
+        return loader
+    shard.batch_sampler = RankBatches(shard.batch_sampler, shard.num_processes, shard.process_index)
+    # The shard now passes the batches through as they are (batch_size None: of any size, no filling), as
+    # transformers makes it do for its own rank-aware BatchRebalanceSampler (Trainer._get_dataloader).
+    shard.num_processes, shard.process_index, shard.batch_size = 1, 0, None
+    return loader
+
+
+class RankBatches:
+    """One rank's batches of an epoch: its share of each global batch, the epoch's last (short) one included, and an
+    empty batch where that one has no rows left for this rank.
+
+    One process with batch N*b trains the epoch's last short batch once. accelerate's BatchSamplerShard cannot do that
+    on N ranks: with even_batches (the default) it fills the last global batch with rows from the start of the epoch,
+    which then train twice (and count as tokens seen twice); without, a rank that ran out has one batch less, and
+    the others wait for it forever in DDP's all-reduce. Here every rank takes the same number of batches; an empty one
+    trains nothing (EmptyBatchTrainsNothing), and the Trainer normalises each step's loss over the trained tokens
+    of all ranks together (average_tokens_across_devices), so the step equals one process's.
+    """
+
+    def __init__(self, batches, ranks: int, rank: int):
+        self.batches, self.ranks, self.rank = batches, ranks, rank
+
+    # accelerate sets the epoch's seeded sampler through this attribute (DataLoaderShard.set_sampler, set_epoch).
+    @property
+    def sampler(self):
+        return self.batches.sampler
+
+    @sampler.setter
+    def sampler(self, sampler) -> None:
+        self.batches.sampler = sampler
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.ranks)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        group = []
+        for batch in self.batches:
+            group.append(batch)
+            if len(group) == self.ranks:
+                yield group[self.rank]
+                group = []
+        if group:
+            yield group[self.rank] if self.rank < len(group) else []
+
+
+@dataclass
+class EmptyBatchTrainsNothing:
+    """The collator, and for an empty batch (RankBatches) one pad token that trains nothing: the rank still runs the
+    step's forward and backward, which DDP needs from every rank. Padding-free, so that the Trainer counts no token
+    of it as seen (it counts input ids other than the pad token where there is no attention mask)."""
+
+    collate: Callable[[list[dict]], dict]
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if examples:
+            return self.collate(examples)
+        # Its only label is at a sequence start, which the padding-free collator masks (-100).
+        return DataCollatorForLanguageModeling(pad_token_id=self.pad_token_id, padding_free=True)(
+            [{"input_ids": [self.pad_token_id]}]
+        )
 
 
 def ranks_facts(trainer) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITH_INTERRUPT
+from conftest import DEMO_DATA, WITH_INTERRUPT
 from safetensors.torch import load_file
 
 from qlora_pipe import UserError, cli, model
@@ -82,10 +82,13 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture
 def two_rank_recipe(write_recipe, tiny_model, tmp_path):
-    """recipe(name, **train) -> a recipe writing to tmp_path/name: 6 steps of batch 4, fp32."""
+    """recipe(name, data=None, **train) -> a recipe writing to tmp_path/name: 6 steps of batch 4, fp32; `data`
+    updates its data section."""
 
-    def recipe(name: str, **train) -> Path:
-        path = write_recipe(tiny_model("llama"), train={"max_steps": 6, **train}, output_dir=str(tmp_path / name))
+    def recipe(name: str, data: dict | None = None, **train) -> Path:
+        path = write_recipe(
+            tiny_model("llama"), train={"max_steps": 6, **train}, data=data or {}, output_dir=str(tmp_path / name)
+        )
         return path.rename(tmp_path / f"{name}.yaml")
 
     return recipe
@@ -129,6 +132,49 @@ def test_two_ranks_train_the_same_model_as_one_process_with_twice_the_batch(
     tokens_per_second = manifest["metrics"]["tokens_per_second"]
     out = capsys.readouterr().out
     assert f"{tokens_per_second:.1f} tokens/s over" in out and "all 2 ranks together" in out
+
+
+# Rows (packed rows when packing) that leave the last global batch of 4 short: 18 rows fill rank 0's last batch of 2
+# and leave rank 1 none; 19 leave rank 1 one row; 18 examples pack into 9 rows, one for rank 0 and none for rank 1.
+# (packing, rows, batches accumulated per step)
+REMAINDERS = {
+    "rank 1's last batch empty": (False, 18, 1),
+    "rank 1's last batch short": (False, 19, 1),
+    "rank 1's last batch short, two batches a step": (False, 19, 2),
+    "packed, rank 0's last batch short, rank 1's empty": (True, 18, 1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", REMAINDERS)
+def test_two_ranks_train_the_same_model_as_one_process_when_the_rows_leave_a_remainder(
+    case, two_rank_recipe, tmp_path, capsys
+):
+    """Two epochs over rows that do not divide the global batch: every row trains once per epoch, as in one process
+    (no repeated row fills a rank's short or empty batch), the loss of each step is normalised over the trained tokens
+    of both ranks together, and the tokens seen are those one process sees."""
+    packing, rows, accumulation = REMAINDERS[case]
+    lines = (DEMO_DATA / "train.jsonl").read_text().splitlines(keepends=True)[:rows]
+    (tmp_path / "rows.jsonl").write_text("".join(lines))
+    data = {"train": str(tmp_path / "rows.jsonl"), "eval": None, "eval_fraction": 0.0}
+    recipe = {"data": data, "max_steps": -1, "epochs": 2, "packing": packing, "grad_accumulation": accumulation}
+    trainer, _ = train_stage.build_trainer(load_recipe(two_rank_recipe("count", **recipe)))
+    assert len(trainer.train_dataset) % 4 == (1 if packing else rows % 4)  # the case is the one it names
+    del trainer
+    one = train_stage.train(load_recipe(two_rank_recipe("one", **recipe)))
+    result = launch(2, "train", str(two_rank_recipe("two", **recipe)), "train.batch_size=2")
+    assert result.returncode == 0, result.stderr
+    two = tmp_path / "two"
+
+    ours, theirs = losses(two), losses(one)
+    assert sorted(ours) == sorted(theirs)
+    worst = max(abs(ours[step] - loss) / abs(loss) for step, loss in theirs.items())
+    apart = relative(logits(two), logits(one))
+    with capsys.disabled():
+        print(f"\n{case}: {len(ours)} steps, losses within {worst:.1e} relative, logits {apart:.1e}")
+    assert worst <= 1e-4 and apart < 5e-3
+    metrics = [json.loads((run / "manifest.json").read_text())["metrics"] for run in (two, one)]
+    assert metrics[0]["tokens_seen"] == metrics[1]["tokens_seen"]
 
 
 @pytest.mark.slow

@@ -154,7 +154,9 @@ def _check_data(args: argparse.Namespace) -> None:
         _check_images(recipe)
         return
     tokenizer, prepared, checked = prepare_data(recipe, model.check_base(recipe.model.base, recipe.model.allow_pickle))
-    mask = "assistant turns" if prepared.assistant_only_loss else "completions" if prepared.format != "text" else "all"
+    mask = "completions" if prepared.format != "text" else "all"
+    if prepared.assistant_only_loss:
+        mask = f"assistant turns (found by {prepared.mask_method})"
     print(
         f"format {prepared.format}; loss on {mask}; chat template {recipe.data.chat_template}; "
         f"eos {tokenizer.eos_token!r}; pad {tokenizer.pad_token!r}"

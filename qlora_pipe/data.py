@@ -18,9 +18,8 @@ from types import SimpleNamespace
 import datasets
 import numpy as np
 from trl import SFTConfig, SFTTrainer
-from trl.chat_template_utils import get_training_chat_template
 
-from qlora_pipe import UserError
+from qlora_pipe import UserError, masks
 from qlora_pipe.config import DataConfig, Recipe
 from qlora_pipe.model import load_tokenizer
 from qlora_pipe.rows import (
@@ -55,10 +54,13 @@ class PreparedData:
     sources: dict
     labels: list[str] | None = None
     """Class names, index = class id (task seq_cls)."""
+    mask_method: str | None = None
+    """How assistant tokens are found (masks.MARKERS, TRL_TEMPLATE or PREFIXES), for an assistant-only loss."""
 
     def facts(self) -> dict:
-        """What the manifest records: the format, the loss mask and where the rows came from."""
-        return {"format": self.format, "assistant_only_loss": self.assistant_only_loss, **self.sources}
+        """What the manifest records: the format, the loss mask (and how it is found) and where the rows came from."""
+        method = {"assistant_mask": self.mask_method} if self.assistant_only_loss else {}
+        return {"format": self.format, "assistant_only_loss": self.assistant_only_loss, **method, **self.sources}
 
     def splits(self) -> dict[str, datasets.Dataset]:
         return {"train": self.train} | ({"eval": self.eval} if self.eval is not None else {})
@@ -153,6 +155,16 @@ def prepare_tokenizer(tokenizer, cfg: DataConfig) -> None:
         tokenizer.chat_template = spec.template
         if spec.end_of_turn:
             tokenizer.eos_token = spec.end_of_turn
+    elif tokenizer.chat_template:
+        end = template_end_of_turn(tokenizer)
+        if end and end != tokenizer.eos_token:
+            # A chat model's template ends its turns with a token of its own (Gemma's <end_of_turn>, Phi-3's
+            # <|end|>) where the tokenizer's eos is the pretraining <eos>: as with the built-in templates, the token
+            # the model must learn to stop on becomes the eos, so training trains it and generation stops on it.
+            logger.info(
+                "chat template ends assistant turns with %r: using it as eos (was %r)", end, tokenizer.eos_token
+            )
+            tokenizer.eos_token = end
     if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
         return
     spare = [tokenizer.unk_token, *PAD_CANDIDATES] if tokenizer.unk_token else list(PAD_CANDIDATES)
@@ -168,23 +180,20 @@ def prepare_tokenizer(tokenizer, cfg: DataConfig) -> None:
     tokenizer.pad_token = pad
 
 
-def has_generation_markers(tokenizer) -> bool:
-    """TRL's assistant-only loss needs a chat template that marks assistant text with {% generation %}."""
-    return "{% generation %}" in (tokenizer.chat_template or "").replace("{%-", "{%").replace("-%}", "%}")
-
-
-def trl_can_mask_assistant(tokenizer) -> bool:
-    """True when the template has generation markers, or TRL knows a training version of it (Llama-3, Qwen2.5, ...)
-    that it swaps in for assistant-only loss."""
-    return has_generation_markers(tokenizer) or get_training_chat_template(tokenizer) is not None
-
-
-def _split_last_assistant(example: dict) -> dict:
-    messages = example["messages"]
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise UserError("a `messages` example has no assistant turn, so it has nothing to train on")
-    return {"prompt": messages[:last], "completion": [messages[last]]}
+def template_end_of_turn(tokenizer) -> str | None:
+    """The added token the chat template ends an assistant turn with (`<|im_end|>`, `<end_of_turn>`, ...), or None
+    (a template that refuses the probe conversations, or ends turns without a token of its own). It is read off a
+    turn that a user turn follows: some templates close the last turn of a conversation otherwise (Phi-3.5 adds
+    its pretraining eos, gpt-oss `<|return|>`)."""
+    added = masks.added_tokens(tokenizer)
+    for probe in masks.PROBES:
+        try:
+            text, spans = masks.assistant_spans(masks.renderer(tokenizer), probe, added)
+        except Exception:  # noqa: BLE001 - a template may raise anything for a conversation it does not take
+            continue
+        start, end = spans[0]
+        return next((t for t in added if text[start:end].endswith(t)), None)
+    return None
 
 
 def _alpaca_to_pc(example: dict, chat: bool) -> dict:
@@ -215,22 +224,12 @@ def to_trl(ds: datasets.Dataset, fmt: str, tokenizer) -> tuple[datasets.Dataset,
                 "data.chat_template to the built-in template of this model's family (chatml, llama-2, llama-3, "
                 "mistral), or use data.format text or prompt-completion"
             )
-        keep = ["messages"]
-        ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
-        if trl_can_mask_assistant(tokenizer):
-            return ds, True
-        # Without {% generation %} markers TRL cannot find assistant tokens in a whole conversation, but it can
-        # mask a conversational prompt/completion pair: train on the last assistant turn only.
-        logger.warning(
-            "chat template has no {%% generation %%} markers: training on the last assistant turn only; "
-            "set data.chat_template to a built-in template to train every assistant turn"
-        )
-        return ds.map(_split_last_assistant, remove_columns=keep), False
+        return ds.remove_columns([c for c in ds.column_names if c != "messages"]), True
     if fmt == "alpaca":
         # As a chat turn, the completion also holds the template's text after the answer (a newline); the assistant
-        # mask, where the template has one, trims the loss to the answer and its end-of-turn token.
+        # mask, where TRL can build one, trims the loss to the answer and its end-of-turn token.
         pc = ds.map(_alpaca_to_pc, fn_kwargs={"chat": chat}, remove_columns=ds.column_names)
-        return pc, chat and trl_can_mask_assistant(tokenizer)
+        return pc, chat and masks.method(tokenizer) != masks.PREFIXES
     keep = list(FORMAT_COLUMNS[fmt])
     return ds.remove_columns([c for c in ds.column_names if c not in keep]), False
 
@@ -250,7 +249,8 @@ def load_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         return to_trl(datasets.Dataset.from_list(evaluation), eval_fmt, tokenizer)[0], source
 
     train, evaluation, sources = with_eval(cfg, train, train_src, seed, read_eval)
-    return PreparedData(train, evaluation, fmt, assistant_only, sources)
+    method = masks.method(tokenizer) if assistant_only else None
+    return PreparedData(train, evaluation, fmt, assistant_only, sources, mask_method=method)
 
 
 def with_eval(cfg: DataConfig, train: datasets.Dataset, train_src: dict, seed: int, read_eval) -> tuple:
@@ -291,12 +291,15 @@ def tokenize(ds: datasets.Dataset, tokenizer, assistant_only_loss: bool, name: s
 
     We call SFTTrainer's dataset preparation directly (it needs only the tokenizer, the chat template TRL would swap
     in and the loss mode, not a model) so that check-data sees exactly the tokens and mask training uses, and so that
-    training is handed this same tokenized data instead of tokenizing twice.
+    training is handed this same tokenized data instead of tokenizing twice. Conversations whose template TRL cannot
+    mask arrive tokenized, with masks.py's assistant masks, and TRL only turns the masks into labels.
     """
-    swap = assistant_only_loss and not has_generation_markers(tokenizer)
+    method = masks.method(tokenizer) if assistant_only_loss else None
+    if method == masks.PREFIXES and "messages" in ds.column_names:
+        ds = datasets.Dataset.from_dict(masks.tokenize_conversations(list(ds["messages"]), tokenizer))
     state = SimpleNamespace(
         _tokenizer=tokenizer,
-        chat_template=get_training_chat_template(tokenizer) if swap else None,
+        chat_template=masks.trl_training_template(tokenizer) if method == masks.TRL_TEMPLATE else None,
         completion_only_loss=True,  # applies only where a completion_mask exists (prompt-completion data)
     )
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

@@ -3,6 +3,8 @@ each ends with the eos the model will stop on, and check-data flags the silent f
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from conftest import CHAT, write_jsonl
 
@@ -84,17 +86,28 @@ def test_gpt2_pads_with_eos_and_still_trains_it(tiny_like, write_recipe, tmp_pat
     assert result.report["train"]["eos_not_trained"] == 0 and not result.fatal
 
 
-def test_template_whose_turns_end_with_another_token_than_eos_is_fatal(tiny_like, write_recipe, tmp_path):
-    # Qwen2.5 base: its own template ends turns with <|im_end|>, but its eos is <|endoftext|>: the model would never
-    # emit the token generation stops on.
+def test_a_template_that_ends_turns_with_its_own_token_makes_it_the_eos(tiny_like, write_recipe, tmp_path):
+    # Qwen2.5 base: its own template ends turns with <|im_end|>, but its eos is <|endoftext|>: the token the model
+    # must learn to stop on becomes the eos, as with the built-in templates.
     tok, prepared, result = checked(tmp_path, write_recipe, tiny_like("recipes/qwen2.5-7b"), [{"messages": CHAT}] * 3)
-    assert prepared.assistant_only_loss  # TRL swaps in its training version of the Qwen2.5 template
-    assert result.report["train"]["eos_not_trained"] == 3
-    assert result.report["train"]["trained_spans_end_with"] == {"<|im_end|>": 3}
-    assert any(
-        "ends with '<|im_end|>', not with the eos token '<|endoftext|>'" in p and "data.chat_template" in p
-        for p in result.fatal
+    assert prepared.assistant_only_loss and prepared.mask_method == "template prefixes"
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert trained_spans(tok, result.tokenized["train"][0]) == ["yes<|im_end|>", "no<|im_end|>"]
+    assert result.report["train"]["eos_not_trained"] == 0 and not result.fatal
+
+
+def test_template_whose_turns_end_without_a_token_is_fatal(tiny_model, write_recipe, tmp_path):
+    base = shutil.copytree(tiny_model("llama"), tmp_path / "base")
+    template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
     )
+    (base / "chat_template.jinja").write_text(template)
+    tok, prepared, result = checked(tmp_path, write_recipe, base, [{"messages": CHAT}] * 3)
+    assert prepared.mask_method == "template prefixes"
+    assert trained_spans(tok, result.tokenized["train"][0]) == ["yes", "no"]
+    assert result.report["train"]["eos_not_trained"] == 3
+    assert any("not with the eos token" in p and "data.chat_template" in p for p in result.fatal)
 
 
 def test_builtin_template_missing_its_tokens_is_a_user_error(tiny_like, write_recipe, tmp_path):

@@ -123,8 +123,7 @@ def evaluate_model(net, tokenizer, recipe: Recipe | None, cfg: DataConfig, batch
     data.prepare_tokenizer(tokenizer, cfg)
     prepared = data.load_data(cfg, tokenizer, seed)
     checked = data.check(prepared, tokenizer, cfg)
-    tokenized = checked.tokenized[_split(cfg)]
-    tokenized = tokenized.map(lambda r: {k: r[k][: cfg.max_seq_length] for k in ("input_ids", "labels")})
+    tokenized = truncated(checked.tokenized[_split(cfg)], cfg.max_seq_length)
     loss, tokens = token_loss(net, tokenized, tokenizer.pad_token_id, batch_size)
     return {
         "loss": loss,
@@ -133,6 +132,11 @@ def evaluate_model(net, tokenizer, recipe: Recipe | None, cfg: DataConfig, batch
         "tokens": tokens,
         **exact_match(net, tokenizer, tokenized),
     }
+
+
+def truncated(tokenized, max_seq_length: int):
+    """The tokenized examples, one per row, cut to the `max_seq_length` tokens training reads of them."""
+    return tokenized.map(lambda r: {k: r[k][:max_seq_length] for k in ("input_ids", "labels")})
 
 
 def _split(cfg: DataConfig) -> str:

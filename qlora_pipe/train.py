@@ -40,7 +40,7 @@ from qlora_pipe.config import (
     report_to,
 )
 from qlora_pipe.estimate import GIB, MeasurePeak, peak_memory, predicted_peak, text_sizes
-from qlora_pipe.evaluate import exact_match
+from qlora_pipe.evaluate import exact_match, truncated
 from qlora_pipe.manifest import atomic_dir, fingerprint_weights, write_manifest
 from qlora_pipe.run import (
     ADAPTER,
@@ -183,7 +183,9 @@ def check_stopped(stop: StopControl, out: Path, step: int) -> None:
 def eval_metrics(trainer, when: str, label_accuracy: bool) -> dict[str, float]:
     result = {k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy")}
     if label_accuracy:
-        match = exact_match(trainer.model, trainer.processing_class, trainer.eval_dataset)
+        # Scored one example per row, as `qlora-pipe eval` does: packed rows would score only each row's last answer,
+        # with the examples packed before it in its prompt.
+        match = exact_match(trainer.model, trainer.processing_class, trainer.eval_examples)
         if not match:
             logger.warning("train.label_accuracy: the eval answers are longer than label answers; not measured")
         result |= {"eval_exact_match": match["exact_match"]} if match else {}
@@ -249,7 +251,10 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     else:
         vocab_size = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
         configure_loss_head(loss_chunk_tokens(recipe.train.loss_chunk_tokens, vocab_size, device), vocab_size)
-        trainer = RowsOnceSFTTrainer(**common)
+        eval_examples = checked.tokenized.get("eval")
+        if eval_examples is not None:
+            eval_examples = truncated(eval_examples, recipe.data.max_seq_length)
+        trainer = SFTStageTrainer(**common, eval_examples=eval_examples)
     # Everything that trains (LoRA A/B, a classifier head trained whole) is fp32, and so are its gradients and
     # optimizer states: updates smaller than bf16's resolution would otherwise be lost. TRL casts a quantized model's
     # adapter to bf16, but PEFT loads adapters (and the Trainer resumes them) in fp32: fp32 throughout also makes a
@@ -285,11 +290,14 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     return trainer, facts
 
 
-class RowsOnceSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer, whose ranks together train every row once per epoch, as one process does (RankBatches)."""
+class SFTStageTrainer(SFTTrainer):
+    """TRL's SFTTrainer, whose ranks together train every row once per epoch, as one process does (RankBatches), and
+    which keeps the eval examples one per row (`eval_examples`; TRL packs its eval set when it packs) for exact
+    match."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, eval_examples=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.eval_examples = eval_examples
         self.data_collator = EmptyBatchTrainsNothing(self.data_collator, self.processing_class.pad_token_id)
 
     def get_train_dataloader(self):

@@ -1,5 +1,6 @@
 """eval: the loss it reports is the trainer's eval loss, exact match scores label tasks, a merged model scores as
-its run does, and a classifier (task seq_cls) reports the accuracy the trainer saw."""
+its run does, and a classifier (task seq_cls) reports the accuracy the trainer saw. Training's exact match scores the
+held-out examples one per row, as eval does."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 from conftest import ROOT
 
 from qlora_pipe import UserError
+from qlora_pipe import train as train_stage
 from qlora_pipe.config import load_recipe
-from qlora_pipe.evaluate import evaluate
+from qlora_pipe.evaluate import evaluate, exact_match
 from qlora_pipe.merge import merge
 from qlora_pipe.train import train
 
@@ -53,3 +55,20 @@ def test_eval_of_a_classifier_reports_the_trainers_accuracy(tiny_like, write_rec
 def test_eval_of_a_bare_model_needs_data(tiny_model):
     with pytest.raises(UserError, match="pass --data FILE"):
         evaluate(tiny_model("llama"))
+
+
+def test_train_scores_exact_match_on_the_held_out_examples_one_per_row(write_recipe, tiny_model, monkeypatch):
+    """With packing on, TRL packs the eval set too (fewer rows, earlier examples in each row's prompt); exact match
+    scores the 64 held-out examples themselves, and agrees with `qlora-pipe eval` on the run."""
+    scored = []
+
+    def counted(net, tokenizer, tokenized):
+        scored.append(len(tokenized))
+        return exact_match(net, tokenizer, tokenized)
+
+    monkeypatch.setattr(train_stage, "exact_match", counted)
+    run = train(load_recipe(write_recipe(tiny_model("llama"), train={"max_steps": 6, "label_accuracy": True})))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["packing"] is True
+    assert scored == [64, 64]  # before and after training
+    assert manifest["metrics"]["eval_exact_match_after"] == evaluate(run)["exact_match"]

@@ -84,7 +84,7 @@ def train(recipe: Recipe, *, resume: str = "auto") -> Path:
     run = run_trainer(trainer, recipe, resume, measure_before)
     metrics = dict(run.metrics_before)
     if trainer.eval_dataset is not None:
-        metrics |= eval_metrics(trainer, "after", recipe.train.label_accuracy)
+        metrics |= eval_metrics(trainer, "after", recipe.train.label_accuracy, last_step_eval(trainer.state))
     seconds = run.clock.seconds()
     metrics |= {
         "train_loss_mean": run.result.training_loss,
@@ -180,8 +180,11 @@ def check_stopped(stop: StopControl, out: Path, step: int) -> None:
         )
 
 
-def eval_metrics(trainer, when: str, label_accuracy: bool) -> dict[str, float]:
-    result = {k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy")}
+def eval_metrics(trainer, when: str, label_accuracy: bool, scores: dict | None = None) -> dict[str, float]:
+    """Eval loss (and accuracy) suffixed `_when`: `scores` (the Trainer's evaluation of this model), else a new
+    evaluation; with `label_accuracy`, the exact match of the eval examples' answers."""
+    scores = trainer.evaluate() if scores is None else scores
+    result = {k: v for k, v in scores.items() if k in ("eval_loss", "eval_accuracy")}
     if label_accuracy:
         # Scored one example per row, as `qlora-pipe eval` does: packed rows would score only each row's last answer,
         # with the examples packed before it in its prompt.
@@ -190,6 +193,13 @@ def eval_metrics(trainer, when: str, label_accuracy: bool) -> dict[str, float]:
             logger.warning("train.label_accuracy: the eval answers are longer than label answers; not measured")
         result |= {"eval_exact_match": match["exact_match"]} if match else {}
     return {f"{k}_{when}": v for k, v in result.items()}
+
+
+def last_step_eval(state) -> dict | None:
+    """The Trainer's evaluation of the final model, logged at the last step (it evaluates at the end of every run with
+    eval data: DefaultFlowCallback, and at each epoch's end); None where none was logged at that step."""
+    last = next((r for r in reversed(state.log_history) if "eval_loss" in r), None)
+    return last if last and last["step"] == state.global_step else None
 
 
 def undo_eval_preparation(trainer) -> None:

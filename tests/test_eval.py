@@ -1,6 +1,6 @@
 """eval: the loss it reports is the trainer's eval loss, exact match scores label tasks, a merged model scores as
-its run does, and a classifier (task seq_cls) reports the accuracy the trainer saw. Training's exact match scores the
-held-out examples one per row, as eval does."""
+its run does, and a classifier (task seq_cls) reports the accuracy the trainer saw. Training's own eval metrics: exact
+match scores the held-out examples one per row as eval does, and the final model is evaluated once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 
 import pytest
 from conftest import ROOT
+from transformers import TrainerCallback
 
 from qlora_pipe import UserError
 from qlora_pipe import train as train_stage
@@ -72,3 +73,28 @@ def test_train_scores_exact_match_on_the_held_out_examples_one_per_row(write_rec
     assert manifest["packing"] is True
     assert scored == [64, 64]  # before and after training
     assert manifest["metrics"]["eval_exact_match_after"] == evaluate(run)["exact_match"]
+
+
+@pytest.mark.parametrize(("eval_steps", "evaluated_at"), [(None, [0, 4]), (3, [0, 3, 4])])
+def test_training_evaluates_the_final_model_once(eval_steps, evaluated_at, write_recipe, tiny_model, monkeypatch):
+    """Before training, at every train.eval_steps (else every epoch's end) and at the last step; the manifest's
+    eval_loss_after is the trainer's evaluation at the last step, not a second one."""
+    evaluations = []
+
+    class Count(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            evaluations.append((state.global_step, metrics["eval_loss"]))
+
+    build = train_stage.build_trainer
+
+    def build_counted(recipe):
+        trainer, facts = build(recipe)
+        trainer.add_callback(Count())
+        return trainer, facts
+
+    monkeypatch.setattr(train_stage, "build_trainer", build_counted)
+    recipe = write_recipe(tiny_model("llama"), train={"max_steps": 4, "eval_steps": eval_steps})
+    metrics = json.loads((train(load_recipe(recipe)) / "manifest.json").read_text())["metrics"]
+    assert [step for step, _ in evaluations] == evaluated_at
+    assert {k for k in metrics if k.startswith("eval_")} == {"eval_loss_before", "eval_loss_after"}
+    assert (metrics["eval_loss_before"], metrics["eval_loss_after"]) == (evaluations[0][1], evaluations[-1][1])

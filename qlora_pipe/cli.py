@@ -185,6 +185,11 @@ def _check_data(args: argparse.Namespace) -> None:
             print(f"{name}: left out {source['skipped_invalid_rows']} invalid rows (first at {first})")
         for note in source.get("notes", []):
             print(f"{name}: note: {note}")
+        if "held_out_fraction" in source:
+            print(
+                f"{name}: {source['rows']} rows held out of data.train by content, every copy of an example on one "
+                f"side ({source['duplicates']} duplicate rows in data.train)"
+            )
     example = checked.report["train"]["example"]
     if example is not None:
         print(f"\nfirst training example (trained tokens between {TRAINED_OPEN} and {TRAINED_CLOSE}):\n{example}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -260,10 +261,33 @@ def with_eval(cfg: DataConfig, train: datasets.Dataset, train_src: dict, seed: i
         evaluation, sources["eval"] = read_eval()
         return train, evaluation, sources
     if cfg.eval_fraction > 0 and len(train) >= 2:
-        split = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
-        sources["eval"] = {"held_out_fraction": cfg.eval_fraction, "rows": len(split["test"])}
-        return split["train"], split["test"], sources
+        kept, held_out, duplicates = split_by_content(train, cfg.eval_fraction, seed)
+        if held_out is not None:
+            sources["eval"] = {"held_out_fraction": cfg.eval_fraction, "rows": len(held_out), "duplicates": duplicates}
+            if duplicates:
+                logger.info(
+                    "held-out split by content: %d duplicate rows kept on one side with their copies", duplicates
+                )
+            return kept, held_out, sources
     return train, None, sources
+
+
+def split_by_content(ds: datasets.Dataset, fraction: float, seed: int) -> tuple:
+    """(train, held out or None, duplicate rows): a held-out share of the distinct examples, drawn with `seed`, every
+    copy of an example on the side of its first one, so that the eval split never holds a training example
+    (datasets' train_test_split draws rows, and duplicates land on both sides). None when there are too few distinct
+    examples to hold one out."""
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(ds):
+        groups.setdefault(json.dumps(row, sort_keys=True), []).append(i)
+    distinct = list(groups.values())
+    if len(distinct) < 2:
+        return ds, None, len(ds) - len(distinct)
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    held = max(1, min(len(distinct) - 1, math.ceil(fraction * len(distinct))))
+    eval_rows = sorted(i for g in order[:held] for i in distinct[g])
+    train_rows = sorted(i for g in order[held:] for i in distinct[g])
+    return ds.select(train_rows), ds.select(eval_rows), len(ds) - len(distinct)
 
 
 def render(example: dict, tokenizer) -> str:
@@ -517,7 +541,8 @@ def check_repeats(prepared: PreparedData, report: dict) -> list[str]:
         return []
     return [
         f"eval: {leaked} of {len(prepared.eval)} examples ({share:.0%}) are also training examples, so the eval loss "
-        f"would measure memory; remove them from data.eval (or deduplicate the data before it is split)"
+        f"would measure memory: remove those examples from data.eval (or from data.train), or leave data.eval out "
+        f"and let data.eval_fraction hold out a share of the training data, split by content so copies stay together"
     ]
 
 

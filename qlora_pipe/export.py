@@ -417,6 +417,7 @@ def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, n_vocab
         writer.add_add_space_prefix(vocab.add_space_prefix)
     # Merges, bos/eos/unk/pad ids, add_bos/add_eos and the chat template, read as llama.cpp's converter reads them.
     special = gguf.SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=n_vocab)
+    special.chat_template = without_generation_tags(special.chat_template)
     special.add_to_gguf(writer, quiet=True)
     # Whether bos/eos are added comes from what the tokenizer does: when the key is absent, llama.cpp guesses by
     # tokenizer type (bos for SentencePiece and Llama 3, none for GPT-2), which need not be what this tokenizer does.
@@ -426,6 +427,43 @@ def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, n_vocab
     if eot is not None:
         writer.add_eot_token_id(eot)
     return vocab
+
+
+# TRL's assistant-only loss reads `{% generation %}` blocks, a transformers extension of Jinja that plain Jinja2 and
+# llama.cpp's template engine reject; the exported template is the same template without them.
+GENERATION_TAG = re.compile(r"\{%([-+]?)\s*(?:end)?generation\s*([-+]?)%\}")
+
+
+def without_generation_tags(template: str | list | None) -> str | list | None:
+    """The chat template (or gguf's list of named templates) without generation tags, rendering the same text."""
+    if isinstance(template, list):
+        return [{**t, "template": without_generation_tags(t["template"])} for t in template]
+    if not template:
+        return template
+    out, rest = [], 0
+    for tag in GENERATION_TAG.finditer(template):
+        out.append(trimmed_before(template, rest, tag))
+        rest = after_trim(template, tag)
+    return "".join(out) + template[rest:]
+
+
+def trimmed_before(template: str, start: int, tag: re.Match) -> str:
+    """The text from `start` to the tag, less what the tag's left side trims: all whitespace with `{%-`; with a plain
+    `{%`, the spaces before it on its own line (transformers renders with lstrip_blocks, as llama.cpp does)."""
+    text, left = template[start : tag.start()], tag.group(1)
+    if left == "-":
+        return text.rstrip()
+    line = template[: tag.start()].rpartition("\n")[2]
+    return text.rstrip(" \t") if not left and not line.strip(" \t") else text
+
+
+def after_trim(template: str, tag: re.Match) -> int:
+    """Where the text after the tag resumes: past all whitespace with `-%}`, past one newline with a plain `%}`
+    (trim_blocks)."""
+    end, right = tag.end(), tag.group(2)
+    if right == "-":
+        return len(template) - len(template[end:].lstrip())
+    return end + 1 if not right and template.startswith("\n", end) else end
 
 
 # ------------------------------------------------------------------------------------------------ Ollama Modelfile

@@ -11,9 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jinja2
 import pytest
 import torch
-from conftest import DEMO_DATA
+from conftest import CHAT, DEMO_DATA
 from gguf import GGUFReader
 from tiny_models import CHAT_TEMPLATE, SPECIAL, build_tokenizer, corpus_lines
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -23,6 +24,7 @@ import qlora_pipe.export as export_module
 from qlora_pipe import UserError, cli
 from qlora_pipe.config import load_recipe
 from qlora_pipe.export import (
+    GENERATION_TAG,
     MODELFILE,
     Turns,
     checked_turns,
@@ -32,6 +34,7 @@ from qlora_pipe.export import (
     permute_rotary,
     strip_bos,
     unpermute_rotary,
+    without_generation_tags,
 )
 from qlora_pipe.run import EXPORT_REPORT
 from qlora_pipe.train import train
@@ -98,7 +101,7 @@ def test_gguf_metadata_carries_hyperparameters_tokenizer_and_template(arch, expo
     assert field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
     assert field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
     assert field(reader, "tokenizer.ggml.padding_token_id") == tok.pad_token_id
-    assert field(reader, "tokenizer.chat_template") == tok.chat_template
+    assert field(reader, "tokenizer.chat_template") == without_generation_tags(tok.chat_template)
     control = {i for i, t in enumerate(field(reader, "tokenizer.ggml.token_type")) if t == 3}
     assert control == {i for i in tok.all_special_ids if i < config.vocab_size}
     names = {t.name for t in reader.tensors}
@@ -324,6 +327,68 @@ def test_a_template_that_folds_the_system_message_into_a_turn_drops_system_messa
     turns, passed = checked_turns(tok)
     assert turns is not None and turns.system is None and "system+user" not in passed
     assert strip_bos(turns, tok, add_bos=True).head == ""
+
+
+TRAINING_TEMPLATES = sorted(
+    p.name.removesuffix(".jinja")
+    for p in (importlib.resources.files("trl") / "chat_templates").iterdir()
+    if p.name.endswith("_training.jinja")
+)
+
+
+def rendered(tok, template: str) -> list[str]:
+    """The template on conversations with and without a system turn, ending on an answer or asking for one (a
+    conversation the template refuses renders as its error's type)."""
+    out = []
+    for convo, prompt in ((CHAT, False), (CHAT[:4], True), (CHAT[1:3], False)):
+        try:
+            out.append(
+                tok.apply_chat_template(convo, chat_template=template, tokenize=False, add_generation_prompt=prompt)
+            )
+        except Exception as e:  # noqa: BLE001 - templates that need images or refuse a system turn
+            out.append(type(e).__name__)
+    return out
+
+
+@pytest.mark.parametrize("name", TRAINING_TEMPLATES)
+def test_trl_training_templates_lose_their_generation_tags_and_render_the_same(name):
+    template = trl_template(name)
+    plain = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])  # llama.cpp's engine has loop controls too
+    with pytest.raises(jinja2.TemplateSyntaxError, match="generation"):
+        plain.parse(template)
+    stripped = without_generation_tags(template)
+    assert not GENERATION_TAG.search(stripped)
+    plain.parse(stripped)
+    tok = chat_tokenizer(CHAT_TEMPLATE)
+    assert rendered(tok, stripped) == rendered(tok, template)
+
+
+def test_generation_tags_keep_their_whitespace_control_when_stripped():
+    template = (
+        "{% for m in messages %}\n"
+        "  {% generation %}\n"  # alone on its line: lstrip_blocks and trim_blocks remove the line
+        "[{{ m['content'] }}]  \n\t{%- endgeneration -%}  \n"
+        "<{{ m['role'] }}>{%+ generation +%}\n{{ 'x' }}{%- endgeneration %}\n"
+        "{% endfor %}"
+    )
+    stripped = without_generation_tags(template)
+    assert "generation" not in stripped
+    tok = chat_tokenizer(CHAT_TEMPLATE)
+    assert rendered(tok, stripped) == rendered(tok, template)
+    assert without_generation_tags([{"name": "default", "template": template}]) == [
+        {"name": "default", "template": stripped}
+    ]
+
+
+def test_the_exported_chat_template_and_modelfile_carry_no_generation_tags(tiny_model, tmp_path):
+    tok = chat_tokenizer(trl_template("qwen2_5_training"))
+    model_dir = retokenized(tiny_model("llama"), tmp_path / "m", tok)
+    out = export(model_dir, out=tmp_path / "m.gguf", verify="none")
+    template = field(GGUFReader(out), "tokenizer.chat_template")
+    assert not GENERATION_TAG.search(template) and "{% generation" in tok.chat_template
+    assert rendered(tok, template) == rendered(tok, tok.chat_template)
+    modelfile = (tmp_path / MODELFILE).read_text()
+    assert "TEMPLATE" in modelfile and "generation" not in modelfile
 
 
 def test_go_literals_survive_braces_and_trimming():

@@ -236,7 +236,16 @@ def test_train_runs_on_a_real_template(name, write_recipe, tmp_path):
     base = tiny_model_with(tokenizer_for(name), tmp_path / "base")
     messages = conversations()[1]  # no system turn: Mistral Nemo moves it, Gemma refuses it
     rows = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}] * 8)
-    recipe = write_recipe(base, data={"train": str(rows), "eval": None, "eval_fraction": 0.0}, train={"max_steps": 2})
+    recipe = write_recipe(
+        base,
+        data={
+            "train": str(rows),
+            "eval": None,
+            "eval_fraction": 0.0,
+            "max_seq_length": 1024,
+        },  # default system prompts
+        train={"max_steps": 2},
+    )
     run = train(load_recipe(recipe))
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["assistant_only_loss"] and manifest["data"]["assistant_mask"]

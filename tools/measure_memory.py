@@ -1,16 +1,21 @@
 """Measure the memory of a training step, phase by phase, beside `qlora-pipe estimate`'s prediction for it.
 
-Builds a random Llama-style model of the given shape (cached under --workdir), writes a recipe for it and trains a
-few steps through qlora_pipe's own train stage. For the measured step (the second: optimizer states exist by then)
-it reports what the step starts from (weights, adapter, gradients, optimizer states), the peak while the fused LM
-head runs (forward and backward), the peak during the rest (the layers' forward, recompute and backward), the step
-time, and the estimate's prediction for the same recipe and data. CPU: bytes of live tensor storages (PeakMemory);
-CUDA: the caching allocator's peaks (max_memory_allocated, reset at each phase boundary).
+Builds a random Llama-style model of the given shape (cached under --workdir; or takes a real one, --base), writes a
+recipe for it and trains a few steps through qlora_pipe's own train stage. For the measured step (the second: optimizer
+states exist by then) it reports what the step starts from (weights, adapter, gradients, optimizer states), the peak
+while the fused LM head runs (forward and backward), the peak during the rest (the layers' forward, recompute and
+backward), the step time, and the estimate's prediction for the same recipe and data. CPU: bytes of live tensor
+storages (PeakMemory); CUDA: the caching allocator's peaks (max_memory_allocated, reset at each phase boundary).
 
     python tools/measure_memory.py --hidden 512 --intermediate 2048 --layers 2 --vocab 32000 --seq 2048
     python tools/measure_memory.py --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 --vocab 128256 \\
         --seq 2048 --batch 2 --set train.tiled_mlp=true
     python tools/measure_memory.py --grid cuda --out cuda.json   # the calibration grid, each shape in its own process
+    python tools/measure_memory.py --base ~/.cache/qlora_pipe/SmolLM2-135M-Instruct --data chats.jsonl --seq 96 \\
+        --batch 4 --set model.compute_dtype=float32     # a real checkpoint and data set instead of a random shape
+
+With rows of varied length the measured step's micro-batch is usually smaller than the data's largest, which the
+estimate predicts: the tool also prints the prediction for the micro-batch the measured step really had.
 
 Figures it printed are in docs/benchmarks.md.
 """
@@ -171,19 +176,22 @@ def measure(spec: dict, work: Path) -> dict:
     from qlora_pipe import estimate, train
     from qlora_pipe.config import load_recipe
 
-    base = build_base(work, spec)
+    base = spec.get("base") or build_base(work, spec)
     run = Path(tempfile.mkdtemp(prefix="run-", dir=work))
     seq, batch = spec["seq"], spec.get("batch", 1)
-    write_data(run / "data.jsonl", seq, 4 * batch, spec.get("labelled", 1.0))
+    data = spec.get("data")
+    if not data:
+        data = run / "data.jsonl"
+        write_data(data, seq, 4 * batch, spec.get("labelled", 1.0))
     recipe = {
         "model": {"base": str(base), "compute_dtype": "bfloat16"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "data": {
-            "train": str(run / "data.jsonl"),
+            "train": str(data),
             "eval_fraction": 0.0,
             "max_seq_length": seq,
             "max_truncated": 1.0,
-            "format": "text" if spec.get("labelled", 1.0) >= 1 else "auto",
+            "format": "text" if spec.get("labelled", 1.0) >= 1 and not spec.get("data") else "auto",
         },
         "train": {
             "max_steps": 3,
@@ -208,12 +216,18 @@ def measure(spec: dict, work: Path) -> dict:
     clock = StepClock(cuda)
     trainer.add_callback(phases)
     trainer.add_callback(clock)
+    trainer.data_collator = shapes = BatchShapes(trainer.data_collator)
     trainer.train()
     device = "cuda" if cuda else "cpu"
     step = estimate.step_shape(trainer.train_dataset, recipe, packed=trainer.args.packing)
-    predicted = estimate.predict(
-        estimate.skeleton_for(recipe, None), recipe, device, estimate.compute_bytes(recipe, device), step
-    )
+    skeleton, compute_bytes = estimate.skeleton_for(recipe, None), estimate.compute_bytes(recipe, device)
+    predicted = estimate.predict(skeleton, recipe, device, compute_bytes, step)
+    # The data's largest micro-batch is what `estimate` predicts; with rows of varied length the measured step is
+    # usually smaller, so the prediction for the batch the step really had tells model error from batch choice.
+    accumulation = recipe.train.grad_accumulation
+    tokens, labelled = max(shapes.batches[(phases.step - 1) * accumulation : phases.step * accumulation])
+    batch = estimate.StepShape(tokens, labelled, "the measured batch")
+    for_batch = estimate.predict(skeleton, recipe, device, compute_bytes, batch)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     extra = {}
     if cuda:
@@ -227,7 +241,27 @@ def measure(spec: dict, work: Path) -> dict:
         "tokens": step.tokens,
         "labelled": step.labelled,
         "predicted": {"total": predicted.total, "parts": predicted.parts, "phases": predicted.phases},
+        "measured_batch": {"tokens": tokens, "labelled": labelled},
+        "predicted_for_measured_batch": {
+            "total": for_batch.total,
+            "parts": for_batch.parts,
+            "phases": for_batch.phases,
+        },
     }
+
+
+class BatchShapes:
+    """The trainer's collator, recording each micro-batch's positions (padding included) and the positions the LM
+    head scores (those whose next label is trained), in the order the steps use them."""
+
+    def __init__(self, collate):
+        self.collate, self.batches = collate, []
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        labels = batch["labels"]
+        self.batches.append((batch["input_ids"].numel(), int((labels[:, 1:] != -100).sum())))
+        return batch
 
 
 class StepClock(TrainerCallback):
@@ -321,6 +355,8 @@ def spec_from_args(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "labelled": args.labelled,
         "set": args.set,
+        "base": str(args.base) if args.base else None,
+        "data": str(args.data) if args.data else None,
     }
 
 
@@ -339,10 +375,9 @@ def run_isolated(spec: dict, work: Path, timeout: float) -> dict:
 
 def show(result: dict) -> None:
     spec = result["spec"]
-    label = (
-        f"h{spec['hidden']} i{spec['intermediate']} L{spec['layers']} v{spec['vocab']} "
-        f"{spec.get('batch', 1)}x{spec['seq']} {' '.join(spec.get('set', []))}"
-    )
+    shape = f"h{spec['hidden']} i{spec['intermediate']} L{spec['layers']} v{spec['vocab']}"
+    shape = Path(spec["base"]).name if spec.get("base") else shape
+    label = f"{shape} {spec.get('batch', 1)}x{spec['seq']} {' '.join(spec.get('set', []))}"
     if "error" in result:
         print(f"{label}: FAILED {result['error'][-300:]}")
         return
@@ -352,6 +387,13 @@ def show(result: dict) -> None:
         f"{m['head'] / gib:.3f}, layers phase {m['layers'] / gib:.3f}); predicted {p['total'] / gib:.3f} GiB "
         f"({p['total'] / m['total'] - 1:+.1%}); step {result['step_seconds'][-1]:.3f} s"
     )
+    if "measured_batch" in result:
+        b, q = result["measured_batch"], result["predicted_for_measured_batch"]
+        print(
+            f"  the measured batch: {b['tokens']} tokens, {b['labelled']} labelled (the data's largest: "
+            f"{result['tokens']}, {result['labelled']}); predicted for it {q['total'] / gib:.3f} GiB "
+            f"({q['total'] / m['total'] - 1:+.1%})"
+        )
 
 
 def main() -> None:
@@ -366,6 +408,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--labelled", type=float, default=1.0, help="share of tokens trained (prompt-completion)")
     parser.add_argument("--set", action="append", default=[], help="recipe override, e.g. train.tiled_mlp=true")
+    parser.add_argument("--base", type=Path, help="a real checkpoint directory instead of a random model of the shape")
+    parser.add_argument("--data", type=Path, help="the rows to train on (any format the recipe reads)")
     parser.add_argument("--grid", choices=sorted(GRIDS))
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "qlora_pipe_measure")
     parser.add_argument("--out", type=Path, help="write the results as JSON")

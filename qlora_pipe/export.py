@@ -4,13 +4,15 @@ and the proof that the file computes what the merged model computes.
 Why our own converter, on the `gguf` package (the llama.cpp authors' writer, reader, tensor-name map, special-token
 reader and quantizers): llama.cpp's convert_hf_to_gguf.py pins transformers 4.x, so it needs an environment of its own,
 and it recognises a BPE tokenizer only by the hash of its output on a test text, so a retrained or extended tokenizer
-stops it. We read the splitting rule itself (the pre-tokenizer's regex in tokenizer.json) and map it to the
-llama.cpp pre-tokenizer that implements the same regex; hyper-parameters and tensor layouts are written as the
-converter writes them for each supported family. Tensors stream one at a time, and every export is read back.
+stops it. We choose the llama.cpp pre-tokenizer by that hash too, and where the hash is unknown by the splitting rule
+itself (the pre-tokenizer's regexes in tokenizer.json), which also cross-checks a hash match. Hyper-parameters and
+tensor layouts are written as the converter writes them for each supported family. Tensors stream one at a time, and
+every export is read back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -275,15 +277,146 @@ def stored(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
-# llama.cpp pre-tokenizer types by the regex tokenizer.json splits with (llama-vocab.cpp keeps its own copies).
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-PRE_TOKENIZERS = {
-    GPT2_REGEX: "gpt-2",
-    CONTRACTIONS + r"\p{N}{1,3}" + REST: "llama-bpe",  # Llama 3
-    CONTRACTIONS + r"\p{N}" + REST: "qwen2",
+# llama.cpp's converter names a byte-level BPE pre-tokenizer by the sha256 of the ids the model's tokenizer gives for
+# this text, looked up in a table of known tokenizers. Text and table are copied from get_vocab_base_pre in llama.cpp's
+# conversion/base.py as vendored in llama-cpp-python 0.3.36: every entry whose name that version's llama-vocab.cpp
+# accepts, less the encoders' (BERT, RoBERTa, Jina, Granite embeddings), which a causal-LM export never carries.
+LLAMA_CPP_VERSION = "0.3.36"
+CHKTXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multip"
+    "le emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 "
+    "3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Българс"
+    "ки ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, '"
+    "RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZER_HASHES = {  # hash -> pre-tokenizer name, with the model the converter's table took it from
+    "b6e8e1518dc4305be2fe39c313ed643381c4da5db34a98f6a04c093f8afbe99b": "chatglm-bpe",  # glm-4-9b-chat
+    "81d72c7348a9f0ebe86f23298d37debe0a5e71149e29bd283904c02262b27516": "chatglm-bpe",  # glm-4-9b-chat
+    "a1336059768a55c99a734006ffb02203cd450fed003e9a71886c88acf24fdbc2": "glm4",  # glm-4-9b-hf
+    "9ca2dd618e8afaf09731a7cf6e2105b373ba6a1821559f258b272fe83e6eb902": "glm4",  # GLM-4.5-Air
+    "cdf5f35325780597efd76153d4d1c16778f766173908894c04afc20108536267": "glm4",  # GLM-4.7-Flash
+    "1431a23e583c97432bc230bff598d103ddb5a1f89960c8f1d1051aaa944d0b35": "minerva-7b",  # Minerva-7B-base-v1.0
+    "7e57df22b1fe23a7b1e1c7f3dc4e3f96d43a4eb0836d0c6bdc3436d7b2f1c664": "hunyuan",  # Hunyuan-A13B-Instruct
+    "bba3b3366b646dbdded5dbc42d59598b849371afc42f7beafa914afaa5b70aa6": "hunyuan-dense",  # Hunyuan-4B-Instruct
+    "e6ddf9c6686791c12d698d34c31ab9be1fea9af5a3d9a6909783ab382198ae1c": "hy_v4",  # Hy4-preview
+    "a6b57017d60e6edb4d88ecc2845188e0eb333a70357e45dcc9b53964a73bbae6": "falcon-h1",  # Falcon-H1-0.5B-Base
+    "60476e1243776c4fb1b993dbd7a5f15ac22f83c80afdf425fa5ae01c8d44ef86": "falcon-h1",  # Falcon-H1-1B-Base
+    "3eda48b4c4dc7de733d1a8b3e3b4a85243dbbf704da2ee9d42c6beced8897896": "falcon-h1",  # Falcon-H1-7B-Base
+    "48f8e02c0359c0bbdd82f26909171fac1c18a457bb47573ed1fe3bbb2c1cfd4b": "falcon-h1",  # Falcon-H1-34B-Base
+    "81212dc7cdb7e0c1074ca62c5aeab0d43c9f52b8a737be7b12a777c953027890": "kimi-k2",  # Kimi-K2-Base
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3-Embedding-0.6B
+    "1444df51289cfa8063b96f0e62b1125440111bc79a52003ea14b6eac7016fd5f": "qwen35",  # MiniCPM-V-4_6
+    "66b8d4e19ab16c3bfd89bce5d785fb7e0155e8648708a1f42077cb9fe002c273": "grok-2",  # grok-2-tokenizer
+    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",  # ruGPT3XL
+    "9e454714343b69b99b71795c1d27a68c2a1d15dab111f4d353109f966af29da7": "lfm2",  # LFM2.5-8B-A1B
+    "846deafc5b0fa786186fa4ae6c7b49903cf2f1d1895bdb80b9120d60be135252": "gemma4",  # DFM-Mimir
+    "0a766d034107bc736a3f2dc4968fd62e54a3570f1454443e0c5a4cc6bd7941ed": "spark2_5",  # Spark-X2.5-1.7B
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3-8B
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",  # deepseek-llm-7b-base
+    "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",  # deepseek-coder-6.7b-base
+    "8aeee3860c56296a157a1fe2fad249ec40aa59b1bb5709f4ade11c4e6fe652ed": "falcon",  # falcon-7b
+    "9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e": "falcon3",  # Falcon3-7B-Base
+    "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "olmo",  # OLMo-1.7-7B-hf, mpt-7b
+    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",  # starcoder2-3b
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # gpt2
+    "32d85c31273f8019248f2559fed492d929ea28b17e51d81d3bb36fff23ca72b3": "stablelm2",  # stablelm-2-zephyr-1_6b
+    "6221ad2852e85ce96f791f476e0b390cf9b474c9e3d1362f53a24a06dc8220ff": "refact",  # Refact-1_6-base
+    "9c2227e4dd922002fb81bde4fc02b0483ca4f12911410dee2255e4987644e3f8": "command-r",  # c4ai-command-r-v01
+    "d772b220ace2baec124bed8cfafce0ead7d6c38a4b65ef11261cf9d5d62246d1": "tiny_aya",  # tiny-aya-base
+    "52df12b4c8d4176e7481aab4b6e8454d1fd0a210a04a574f6d4e067d10e23c3e": "cohere2moe",  # North-Mini-Code-1.0
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5-7B
+    "a8594e3edff7c29c003940395316294b2c623e09894deebbc65f33f1515df79e": "dbrx",  # dbrx-base
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",  # Smaug-Llama-3-70B-Instruct
+    "c7ea5862a53e4272c035c8238367063e2b270d51faa48c0f09e9d5b54746c360": "poro-chat",  # Poro-34B-chat
+    "7fc505bd3104ca1083b150b17d088b59534ede9bde81f0dd2090967d7fe52cee": "viking",  # Viking-7B
+    "b53802fb28e26d645c3a310b34bfe07da813026ec7c7716883404d5e0f8b1901": "jais",  # jais-13b
+    "bc5108ee1eb6a3d600cadd065f63190fbd0554dbc9e4bbd6a0d977970afc8d2a": "jais-2",  # Jais-2-8B-Chat
+    "7b3e7548e4308f52a76e8229e4e6cc831195d0d1df43aed21ac6c93da05fec5f": "codeshell",  # CodeShell-7B
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral-Nemo-Base-2407
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM-135M
+    "3c30d3ad1d6b64202cd222813e7736c2db6e1bd6d67197090fc1211fbc612ae7": "bloom",  # bloom
+    "bc01ce58980e1db43859146dc51b1758b3b88729b217a74792e9f8d43e479d21": "gpt3-finnish",  # gpt3-finnish-small
+    "4e2b24cc4770243d65a2c9ec19770a72f08cffc161adbb73fcbb6b7dd45a0aae": "exaone",  # EXAONE-3.0-7.8B-Instruct
+    "fcace8b9cac38ce847670c970cd5892031a753a1ef381abd1d9af00f713da085": "phi-2",  # phi-2
+    "60824e3c0d9401f89943cbb2fff727f0e2d4c545ba4df2d6e4f09a6db0f5b450": "chameleon",  # chameleon-7b
+    "ad851be1dba641f2e3711822f816db2c265f788b37c63b4e1aeacb9ee92de8eb": "gigachat",  # GigaChat-20B-A3B-instruct
+    "d4c8f286ea6b520b3d495c4455483cfa2302c0cfcd4be05d781b6a8a0a7cdaf1": "megrez",  # Megrez-3B-Instruct
+    "877081d19cf6996e2c4ff0e1236341e9b7bde288f5311a56a937f0afbbb3aeb5": "deepseek-v3",  # DeepSeek-V3
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",  # R1-Distill-Qwen-1.5B
+    "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e": "gpt-4o",  # gpt-4o
+    "7dec86086fcc38b66b7bc1575a160ae21cf705be7718b9d5598190d7c12db76f": "superbpe",  # OLMo2-8B-SuperBPE-t180k
+    "1994ffd01900cfb37395608534236ecd63f2bd5995d6cb1004dda1af50240f15": "trillion",  # Trillion-7B-preview
+    "96a5f08be6259352137b512d4157e333e21df7edd3fcd152990608735a65b224": "bailingmoe",  # Ling-lite
+    "d353350c764d8c3b39c763113960e4fb4919bea5fbf208a0e3b22e8469dc7406": "llama4",  # Llama-4-Scout-17B-16E-Instruct
+    "0e9433cbbb161f89e264eb32e8e64bfe69e834973ffca5d41d3948a604a3e2a3": "pixtral",  # pixtral-12b
+    "d5f1dd6f980fec569fb218a81a7658ac45fc56b38c5a0adeb1c232fbe04ef5ec": "seed-coder",  # Seed-Coder-8B-Base
+    "b0a6b1c0bd5998ebd9df08611efde34a4ff03faed45ae09c43e6b31ebd4b94cf": "a.x-4.0",  # A.X-4.0
+    "f6791d196f87ce6b56a7d234be618e0d58f8cda3549416635b2bebcd22cd95c4": "midm-2.0",  # Midm-2.0-Base-Instruct
+    "169bf0296a13c4d9b7672313f749eb36501d931022de052aad6e36f2bf34dd51": "lfm2",  # LFM2.5-350M
+    "2085e1638f6c377a0aa4ead21b27bb4cb941bf800df86ed391011769c1758dfb": "exaone4",  # EXAONE-4.0-32B
+    "a1e163ecab2e718a4c829d1148b6e86824ec36163bb71941c3dca9cd5ac25756": "mellum",  # Mellum-4b-base
+    "49fc0303c9e0d2c2c565c510f64b2d9b271276acdcdadff733249eda9f7d59df": "afmoe",  # Trinity-Tokenizer
+    "9b1be57e70d20d9501b2b3186e792d81181ae36ada3903c26f9fea418cf87206": "bailingmoe2",  # Ling-mini-base-2.0
+    "53e325976a6e142379c19b09afcae354f2f496f147afa8f9e189a33fe4e3024e": "granite-docling",  # granite-docling-258M
+    "f4f37b6c8eb9ea29b3eac6bb8c8487c5ab7885f8d8022e67edc1c68ce8403e95": "minimax-m2",  # MiniMax-M2
+    "4a2e2abae11ca2b86d570fc5b44be4d5eb5e72cc8f22dd136a94b37da83ab665": "kormo",  # KORMo-tokenizer
+    "9d70134b369a70e5735009b6de918f7581b5211f7c074d1f89f753aea8248af1": "youtu",  # Youtu-LLM-2B
+    "16389f0a1f51ee53e562ffd51c371dc508639ab0e4261502071836e50e223e91": "solar-open",  # Solar-Open-100B
+    "6c81ce329e0802883b22eabab0d3fa48357337ef1ecb45443828bf1f6254833f": "exaone-moe",  # K-EXAONE-236B-A23B
+    "d30d75d9059f1aa2c19359de71047b3ae408c70875e8a3ccf8c5fba56c9d8af4": "qwen35",  # Qwen3.5-9B-Instruct
+    "b4b8ca1f9769494fbd956ebc4c249de6131fb277a4a3345a7a92c7dd7a55808d": "joyai-llm",  # JoyAI-LLM-Flash
+    "e4d54df1ebc1f2b91acd986c5b51aa50837d5faf7c7398e73c1f9e9ee5d19869": "kanana2",  # kanana-2-30b-a3b-instruct-2601
+    "862f827721df956049dff5ca81a57f29e575280bc622e290d3bf4e35eca29015": "f2llmv2",  # F2LLM-v2-4B
+    "62f6fb0a6fd5098caeabb19b07a5c1099cafc8b9c40eab6ea89ece4ec02fbc57": "sarvam-moe",  # sarvam-30b
+    "f728162c1315c26e40249849799b4ba3fe584c32084b4795b03eb295e63cb5af": "talkie",  # talkie-1930-13b-it-hf
+    "36f3066e97b7f3994b379aaacde306c1444c6ae84e81a5ae3cd2b7ed3b8c42d4": "minicpm5",  # MiniCPM5-1B
+    "9dcf830ee9990cdbf78cc523a5f7bd9ad8f3f9890c2d3581d2785ad10f07049d": "mellum2",  # Mellum2-12B-A2.5B-Base
+    "972da7b59cec44d1f0a490a86c96df53859e486e481563e5dddac155013d87ac": "laguna",  # Laguna-XS.2
+    "653660222fb704f61cbf2b618a8ae6502b7f8b20c980f9a5de07ed78e13319cd": "ufakzeka",  # ufakzeka-1
 }
+
+# The splitting rules llama-vocab.cpp 0.3.36 implements, as tokenizer.json writes them (one regex per step), and the
+# names llama.cpp splits with each rule (they differ in flags). A tokenizer the table does not know (retrained or
+# extended) is exported by its rule; one it knows is cross-checked against its rule.
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?"
+REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = CONTRACTIONS + r"\p{L}+|\p{N}{1,3}" + REST
+QWEN2_REGEX = CONTRACTIONS + r"\p{L}+|\p{N}" + REST
+QWEN35_REGEX = CONTRACTIONS + r"[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+DIGIT = r"\p{N}"  # tokenizer.json's Digits(individual_digits=True), as llama.cpp writes it
+# DeepSeek LLM's and Coder's and Falcon's splits: several regexes in turn, as their tokenizer.json and llama-vocab.cpp
+# write them (DeepSeek LLM's letters are a list of ranges, copied).
+DEEPSEEK_LETTERS = (
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-"
+    "ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ"
+    "-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"
+)
+DEEPSEEK_LLM = ("[\r\n]", DEEPSEEK_LETTERS, "\\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", "[一-龥ࠀ-一가-퟿]+", r"\p{N}+")
+DEEPSEEK_CODER = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}")
+FALCON = (r"[\p{P}\$\+<=>\^~\|`]+", GPT2_REGEX.removesuffix("|\\s+"), "[0-9][0-9][0-9]")
+SPLITS = {
+    (GPT2_REGEX,): (
+        *("gpt-2", "phi-2", "gigachat", "a.x-4.0", "mellum", "exaone4"),
+        *("mpt", "olmo", "jais", "trillion", "granite-docling"),
+    ),
+    (LLAMA3_REGEX,): (
+        *("llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+        *("smaug-bpe", "dbrx", "chatglm-bpe", "glm4"),
+    ),
+    (QWEN2_REGEX,): ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"),
+    (QWEN35_REGEX,): ("qwen35",),
+    (DIGIT, GPT2_REGEX): (
+        *("smollm", "starcoder", "refact", "command-r"),
+        *("codeshell", "exaone", "minerva-7b", "mellum2"),
+    ),
+    DEEPSEEK_LLM: ("deepseek-llm",),
+    DEEPSEEK_CODER: ("deepseek-coder",),
+    FALCON: ("falcon",),
+}
+# Names for which llama.cpp takes a word that is itself a token whole, without merging (tokenizer.json's
+# `ignore_merges`): among names of one rule, the one whose flag matches the tokenizer's is chosen.
+IGNORES_MERGES = {"llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "glm4"}
 
 
 def pre_tokenizer_steps(spec: dict | None) -> list[dict]:
@@ -296,22 +429,90 @@ def pre_tokenizer_steps(spec: dict | None) -> list[dict]:
     )
 
 
-def byte_level_pre(tokenizer_json: dict) -> str:
-    """The llama.cpp pre-tokenizer that splits text as this byte-level BPE tokenizer does."""
-    steps = pre_tokenizer_steps(tokenizer_json.get("pre_tokenizer"))
-    regexes = [s["pattern"].get("Regex") or re.escape(s["pattern"]["String"]) for s in steps if s["type"] == "Split"]
-    byte_level = [s for s in steps if s["type"] == "ByteLevel"]
-    if any(s.get("add_prefix_space") for s in byte_level):
-        raise UserError("tokenizer.json: byte-level BPE with add_prefix_space has no llama.cpp pre-tokenizer")
-    regexes += [GPT2_REGEX for s in byte_level if s.get("use_regex", True)]
-    kinds = {s["type"] for s in steps} - {"Split", "ByteLevel"}
-    if len(regexes) != 1 or kinds or regexes[0] not in PRE_TOKENIZERS:
-        found = regexes or sorted(kinds) or ["no pre-tokenizer"]
-        raise UserError(
-            f"tokenizer.json splits text with {found}; llama.cpp implements this pre-tokenization only for "
-            f"{', '.join(sorted(set(PRE_TOKENIZERS.values())))}, so its tokens would differ"
-        )
-    return PRE_TOKENIZERS[regexes[0]]
+def split_rule(tokenizer_json: dict) -> tuple[str, ...] | None:
+    """The regexes this byte-level tokenizer splits text with, in order; None when a step is not such a split."""
+    rule, byte_level = [], False
+    for step in pre_tokenizer_steps(tokenizer_json.get("pre_tokenizer")):
+        kind = step["type"]
+        if kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
+            rule.append(step["pattern"].get("Regex") or re.escape(step["pattern"]["String"]))
+        elif kind == "Digits" and step.get("individual_digits"):
+            rule.append(DIGIT)
+        elif kind == "ByteLevel" and not step.get("add_prefix_space"):  # llama.cpp never prepends a space to BPE
+            rule += [GPT2_REGEX] if step.get("use_regex", True) else []
+            byte_level = True
+        else:
+            return None
+    return tuple(rule) if byte_level else None
+
+
+def steps_text(tokenizer_json: dict) -> list[str]:
+    """The pre-tokenizer as a user reads it in tokenizer.json: each step's regex, or its type."""
+    return [step_text(s) for s in pre_tokenizer_steps(tokenizer_json.get("pre_tokenizer"))]
+
+
+def step_text(step: dict) -> str:
+    if step["type"] == "Split":
+        return step["pattern"].get("Regex") or step["pattern"]["String"]
+    return "ByteLevel(add_prefix_space)" if step.get("add_prefix_space") else step["type"]
+
+
+def check_hash(tokenizer) -> str:
+    """What llama.cpp's converter hashes: the ids of the check text, with the special tokens the tokenizer adds."""
+    return hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+
+
+def ignores_merges(tokenizer_json: dict) -> bool:
+    return bool(tokenizer_json["model"].get("ignore_merges"))
+
+
+def by_flags(names: tuple[str, ...], tokenizer_json: dict, default: str) -> str:
+    """Among names that split alike, the first that merges as tokenizer.json says (`ignore_merges`)."""
+    return next((n for n in names if (n in IGNORES_MERGES) == ignores_merges(tokenizer_json)), default)
+
+
+def byte_level_pre(tokenizer_json: dict, tokenizer) -> tuple[str, str]:
+    """The llama.cpp pre-tokenizer that splits text as this byte-level BPE tokenizer does, and how it was chosen."""
+    digest = check_hash(tokenizer)
+    known, names = PRE_TOKENIZER_HASHES.get(digest), SPLITS.get(split_rule(tokenizer_json))
+    if known is None and names is None:
+        raise unknown_pre_tokenizer(tokenizer_json, digest)
+    if known is None:
+        return by_flags(names, tokenizer_json, names[0]), "splitting rule"
+    if names is None:
+        return known, "check-text hash"
+    if known not in names:
+        warn_disagreement(known, names[0])
+        return known, f"check-text hash (tokenizer.json's splitting rule is {names[0]}'s)"
+    if (known in IGNORES_MERGES) == ignores_merges(tokenizer_json):
+        return known, "check-text hash and splitting rule"
+    # The check text does not exercise ignore_merges: Llama 3's tokenizer without its bos hashes as Smaug's, which
+    # llama.cpp merges word by word; tokenizer.json's flag picks among the names of the rule.
+    chosen = by_flags(names, tokenizer_json, known)
+    return chosen, f"splitting rule and ignore_merges (the check-text hash says {known})"
+
+
+def warn_disagreement(known: str, by_rule: str) -> None:
+    # The converter's choice stands: equal ids on a text built to tell pre-tokenizers apart say this is that
+    # model's vocabulary, and a rule that splits more finely than tokenizer.json says is one the vocabulary was
+    # trained with (transformers' GGUF reader and its GPT2Tokenizer drop SmolLM's and StarCoder's single-digit
+    # step). An edited tokenizer is the other way to get here, hence the warning.
+    logger.warning(
+        "tokenizer.json splits text as llama.cpp's `%s` does, but the tokenizer's ids on llama.cpp's check text are "
+        "those of `%s`: exporting with `%s`, as llama.cpp's converter would. If this tokenizer's pre-tokenizer was "
+        "edited, compare llama.cpp's tokens with the model's on your own text",
+        *(by_rule, known, known),
+    )
+
+
+def unknown_pre_tokenizer(tokenizer_json: dict, digest: str) -> UserError:
+    rules = ", ".join(names[0] for names in SPLITS.values())
+    return UserError(
+        f"tokenizer.json splits text with {steps_text(tokenizer_json) or ['no pre-tokenizer']}, none of the rules "
+        f"llama.cpp {LLAMA_CPP_VERSION} splits with ({rules}), and its ids on llama.cpp's check text (sha256 "
+        f"{digest}) are those of no tokenizer llama.cpp's converter knows: llama.cpp has no pre-tokenizer for this "
+        "vocabulary and would tokenize differently, so it cannot be exported"
+    )
 
 
 def is_sentencepiece(tokenizer_json: dict) -> bool:
@@ -326,14 +527,22 @@ class Vocab:
     types: list[int]
     scores: list[float] | None = None
     pre: str | None = None
+    pre_chosen_by: str | None = None  # byte-level BPE: the check-text hash, the splitting rule or both
     add_space_prefix: bool | None = None
+
+
+def tokenizer_definition(tokenizer, path: Path) -> dict:
+    """The tokenizer as transformers runs it, which the model was trained with: a tokenizer class may rebuild what
+    tokenizer.json says (transformers 5's Qwen2Tokenizer and GPT2Tokenizer put back their own pre-tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return json.loads(backend.to_str() if backend is not None else path.read_text())
 
 
 def vocab_of(model_dir: Path, tokenizer, n_vocab: int) -> Vocab:
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise UserError(f"{model_dir}: no tokenizer.json; GGUF export reads the fast tokenizer's definition")
-    spec = json.loads(path.read_text())
+    spec = tokenizer_definition(tokenizer, path)
     if len(tokenizer) > n_vocab:  # the model cannot embed them either: an id past its embeddings fails there too
         extra = tokenizer.convert_ids_to_tokens(list(range(n_vocab, len(tokenizer))))
         logger.warning("tokens past the model's %d embeddings are left out of the GGUF vocabulary: %s", n_vocab, extra)
@@ -341,7 +550,8 @@ def vocab_of(model_dir: Path, tokenizer, n_vocab: int) -> Vocab:
     if not is_sentencepiece(spec):
         if spec["model"]["type"] != "BPE":
             raise UserError(f"tokenizer.json: a {spec['model']['type']} tokenizer; GGUF export handles BPE tokenizers")
-        return Vocab("gpt2", tokens, types, pre=byte_level_pre(spec))
+        pre, chosen_by = byte_level_pre(spec, tokenizer)
+        return Vocab("gpt2", tokens, types, pre=pre, pre_chosen_by=chosen_by)
     byte = re.compile(r"<0x[0-9A-Fa-f]{2}>")
     types = [gguf.TokenType.BYTE if byte.fullmatch(t) else k for t, k in zip(tokens, types, strict=True)]
     unk = tokenizer.unk_token_id
@@ -404,8 +614,8 @@ def adds_specials(tokenizer) -> tuple[bool, bool]:
     return add_bos, add_eos
 
 
-def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, n_vocab: int, eot: int | None) -> Vocab:
-    vocab = vocab_of(model_dir, tokenizer, n_vocab)
+def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, vocab: Vocab, eot: int | None) -> None:
+    n_vocab = len(vocab.tokens)
     writer.add_tokenizer_model(vocab.model)
     if vocab.pre:
         writer.add_tokenizer_pre(vocab.pre)
@@ -426,7 +636,6 @@ def write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, tokenizer, n_vocab
     writer.add_add_eos_token(add_eos)
     if eot is not None:
         writer.add_eot_token_id(eot)
-    return vocab
 
 
 # TRL's assistant-only loss reads `{% generation %}` blocks, a transformers extension of Jinja that plain Jinja2 and
@@ -640,7 +849,9 @@ def modelfile(gguf_name: str, turns: Turns | None, stops: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def write_gguf(path: Path, model_dir: Path, config, tokenizer, qtype: str, items: list[Item], name: str) -> dict:
+def write_gguf(
+    path: Path, model_dir: Path, config, tokenizer, vocab: Vocab, qtype: str, items: list[Item], name: str
+) -> dict:
     """Stream the checkpoint into one GGUF file: metadata first, then each tensor as it is read."""
     family = family_of(config)
     if sliding_window(config):
@@ -653,7 +864,7 @@ def write_gguf(path: Path, model_dir: Path, config, tokenizer, qtype: str, items
     writer.add_name(name)
     write_hyperparameters(writer, config, qtype)
     turns, passed = checked_turns(tokenizer) if tokenizer.chat_template else (None, [])
-    vocab = write_tokenizer(writer, model_dir, tokenizer, config.vocab_size, end_of_turn(tokenizer, turns))
+    write_tokenizer(writer, model_dir, tokenizer, vocab, end_of_turn(tokenizer, turns))
     for item in items:
         writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), item.nbytes, raw_dtype=item.qtype)
     writer.write_header_to_file()
@@ -871,12 +1082,13 @@ def export(
     check_causal_lm(config, source)
     items = plan_tensors(source.model_dir, config, family_of(config), qtype)
     tokenizer = load_tokenizer(str(source.model_dir))
+    vocab = vocab_of(source.model_dir, tokenizer, config.vocab_size)  # refuses what llama.cpp cannot load, first
     verify = choose_verify(verify, items)
     check_disk(out, sum(i.nbytes for i in items) + (64 << 20))  # and the tokenizer, a few MB
     tmp = out.with_name(f".{out.name}.tmp")
     started = time.perf_counter()
     try:
-        written = write_gguf(tmp, source.model_dir, config, tokenizer, qtype, items, name=out.stem)
+        written = write_gguf(tmp, source.model_dir, config, tokenizer, vocab, qtype, items, name=out.stem)
         report = entry(written, qtype, tmp, time.perf_counter() - started, verify)
         if verify != "none":
             report |= check_file(tmp, source, config, tokenizer, items, qtype, verify)
@@ -903,7 +1115,12 @@ def entry(written: dict, qtype: str, path: Path, seconds: float, verify: str) ->
         "write_seconds": round(seconds, 2),
         "tensors": written["tensors"],
         "tensor_types": written["tensor_types"],
-        "tokenizer": {"model": vocab.model, "pre": vocab.pre, "tokens": len(vocab.tokens)},
+        "tokenizer": {
+            "model": vocab.model,
+            "pre": vocab.pre,
+            "pre_chosen_by": vocab.pre_chosen_by,
+            "tokens": len(vocab.tokens),
+        },
         "ollama_template": {
             "written": turns is not None,
             "system_messages": turns is not None and turns.system is not None,

@@ -320,7 +320,7 @@ def tokenize(ds: datasets.Dataset, tokenizer, assistant_only_loss: bool, name: s
     """
     method = masks.method(tokenizer) if assistant_only_loss else None
     if method == masks.PREFIXES and "messages" in ds.column_names:
-        ds = datasets.Dataset.from_dict(masks.tokenize_conversations(list(ds["messages"]), tokenizer))
+        ds = datasets.Dataset.from_dict(masks.tokenize_conversations(list(ds["messages"]), tokenizer, name))
     state = SimpleNamespace(
         _tokenizer=tokenizer,
         chat_template=masks.trl_training_template(tokenizer) if method == masks.TRL_TEMPLATE else None,

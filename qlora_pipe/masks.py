@@ -149,12 +149,18 @@ def assistant_spans(render: Callable[[list[dict], bool], str], messages: list[di
     return whole, spans
 
 
+def first_words(messages: list[dict]) -> str:
+    """Where to find a conversation in the data file (the split shuffles rows): its first user text."""
+    text = next((str(m.get("content")) for m in messages if m.get("role") == "user"), "")
+    return repr(text if len(text) <= 60 else text[:60] + "…")
+
+
 def added_tokens(tokenizer) -> list[str]:
     """The tokenizer's added tokens (special and not): where a template's turn markers live."""
     return sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
 
 
-def tokenize_conversations(conversations: list[list[dict]], tokenizer) -> dict[str, list[list[int]]]:
+def tokenize_conversations(conversations: list[list[dict]], tokenizer, name: str) -> dict[str, list[list[int]]]:
     """`input_ids` and `assistant_masks` (1 on trained tokens) of each conversation, masked by template prefixes.
 
     The ids are those apply_chat_template gives (the rendered text tokenized without added special tokens: the
@@ -167,12 +173,13 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer) -> dict[s
         )
     render, added = renderer(tokenizer), added_tokens(tokenizer)
     ids, masks = [], []
-    for row, messages in enumerate(conversations):
+    for messages in conversations:
         try:
             text, spans = assistant_spans(render, messages, added)
         except Unsplittable as e:
             raise UserError(
-                f"the chat template cannot be split into turns for an assistant-only loss: in row {row}, {e}. "
+                f"the chat template cannot be split into turns for an assistant-only loss: in the {name} example "
+                f"{first_words(messages)}, {e}. "
                 "Give such conversations one assistant turn each (one example per turn), or set "
                 "data.chat_template to a built-in template (chatml, llama-2, llama-3, mistral)"
             ) from None

@@ -11,8 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import yaml  # noqa: E402
-from tiny_models import build, build_like  # noqa: E402
+from tiny_models import build, build_like, small_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,38 +70,23 @@ def tiny_sd(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama-cpp-python, built once per machine (real_material.llama_cpp_python); skipped where it cannot be."""
+    import real_material
+
+    try:
+        return real_material.llama_cpp_python()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """write_recipe(base, **sections) -> path of a small fast recipe (fp32 compute, a few steps) in tmp_path."""
 
     def write(base: Path, **sections) -> Path:
-        recipe = {
-            "model": {"base": str(base), "compute_dtype": "float32"},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "data": {
-                "train": str(DEMO_DATA / "train.jsonl"),
-                "eval": str(DEMO_DATA / "eval.jsonl"),
-                "max_seq_length": 96,
-            },
-            "train": {
-                "max_steps": 3,
-                "batch_size": 4,
-                "grad_accumulation": 1,
-                "learning_rate": 5e-3,
-                "logging_steps": 1,
-                "save_steps": 100,
-                "warmup_ratio": 0.0,
-            },
-            "output_dir": str(tmp_path / "run"),
-        }
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                recipe.setdefault(section, {}).update(values)
-            else:
-                recipe[section] = values
-        path = tmp_path / "recipe.yaml"
-        path.write_text(yaml.safe_dump(recipe))
-        return path
+        return small_recipe(tmp_path / "recipe.yaml", base, tmp_path / "run", **sections)
 
     return write
 

@@ -12,6 +12,7 @@ when whole, so an interrupted download is started over, never half used.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -87,9 +88,23 @@ def smollm2() -> Path:
         )
         net.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        with_single_digits(out / "tokenizer.json")
         shutil.rmtree(out / "download")
 
-    return _cached("SmolLM2-135M-Instruct", build)
+    return _cached("SmolLM2-135M-Instruct-2", build)  # -2: tokenizer.json with its Digits step
+
+
+def with_single_digits(path: Path) -> None:
+    """Put back the first step of SmolLM2's own pre-tokenizer, digits one by one, which transformers' GGUF reader
+    leaves out (a GGUF file names it, `smollm`, rather than spelling it). The ids do not change (the vocabulary has
+    no token of two digits), but tokenizer.json then says what the original says."""
+    spec = json.loads(path.read_text())
+    steps = spec["pre_tokenizer"]
+    steps = steps["pretokenizers"] if steps["type"] == "Sequence" else [steps]
+    if steps[0]["type"] != "Digits":
+        digits = {"type": "Digits", "individual_digits": True}
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [digits, *steps]}
+        path.write_text(json.dumps(spec, ensure_ascii=False, indent=2))
 
 
 def vocabularies() -> list[Path]:
@@ -100,3 +115,46 @@ def vocabularies() -> list[Path]:
 def chat_templates() -> dict[str, str]:
     """llama.cpp's real chat templates by model name."""
     return {p.stem: p.read_text() for p in sorted((llama_cpp_models() / "templates").glob("*.jinja"))}
+
+
+def llama_cpp_python():
+    """llama-cpp-python built from its source package once per machine (a few minutes, needs cmake and a C++
+    compiler), then cached and imported; RuntimeError with the reason when it cannot be built."""
+    if not shutil.which("cmake") or not (shutil.which("c++") or shutil.which("g++")):
+        raise RuntimeError("building llama.cpp needs cmake and a C++ compiler")
+
+    def build(out: Path) -> None:
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(out)]
+        built = subprocess.run([*pip, f"llama-cpp-python=={LLAMA_CPP}", "diskcache"], capture_output=True, text=True)
+        if built.returncode:
+            raise RuntimeError(f"llama-cpp-python did not build: {built.stderr.strip().splitlines()[-1:]}")
+
+    cache = _cached(f"llama-cpp-python-{LLAMA_CPP}", build)
+    if str(cache) not in sys.path:
+        sys.path.append(str(cache))
+    import llama_cpp
+
+    return llama_cpp
+
+
+def llama_cpp_logits(llama_cpp, path: Path, ids: list[int]):
+    """llama.cpp's logits (a torch tensor, one row per id) for `ids` through the GGUF file at `path`."""
+    import torch
+
+    # f32 K/V cache: llama.cpp's default f16 cache alone moves logits by ~1e-3
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=512, n_threads=2, verbose=False, type_k=0, type_v=0)
+    try:
+        llm.eval(ids)
+        return torch.tensor(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+
+
+def llama_cpp_tokens(llama_cpp, path: Path, texts, specials: bool = True) -> list[list[int]]:
+    """llama.cpp's ids for each text; specials False: no bos and special tokens read as text, as llama.cpp's
+    test-tokenizer-0 reads its vocabularies' test texts."""
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    try:
+        return [llm.tokenize(t.encode(), add_bos=specials, special=specials) for t in texts]
+    finally:
+        llm.close()

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +17,7 @@ import torch
 from conftest import CHAT, DEMO_DATA
 from gguf import GGUFReader
 from huggingface_hub.errors import StrictDataclassFieldValidationError
+from real_material import llama_cpp_logits, llama_cpp_tokens
 from tiny_models import CHAT_TEMPLATE, SPECIAL, build_tokenizer, corpus_lines
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -417,50 +415,6 @@ def test_go_literals_survive_braces_and_trimming():
 
 
 # ------------------------------------------------------------------------------------------- llama.cpp itself
-LLAMA_CPP = "0.3.36"
-
-
-@pytest.fixture(scope="session")
-def llama_cpp():
-    """llama-cpp-python built from its source package once per machine (a few minutes), then cached."""
-    if not shutil.which("cmake") or not (shutil.which("c++") or shutil.which("g++")):
-        pytest.skip("building llama.cpp needs cmake and a C++ compiler")
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    cache = cache_home / "qlora_pipe" / f"llama-cpp-python-{LLAMA_CPP}"
-    if not (cache / "llama_cpp").is_dir():
-        partial = cache.with_name(cache.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial)]
-        built = subprocess.run([*pip, f"llama-cpp-python=={LLAMA_CPP}", "diskcache"], capture_output=True, text=True)
-        if built.returncode:
-            pytest.skip(f"llama-cpp-python did not build: {built.stderr.strip().splitlines()[-1:]}")
-        partial.rename(cache)
-    sys.path.append(str(cache))
-    import llama_cpp
-
-    return llama_cpp
-
-
-def llama_cpp_logits(llama_cpp, path: Path, ids: list[int]) -> torch.Tensor:
-    # f32 K/V cache: llama.cpp's default f16 cache alone moves logits by ~1e-3
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False, type_k=0, type_v=0)
-    try:
-        llm.eval(ids)
-        return torch.tensor(llm.scores[: len(ids)])
-    finally:
-        llm.close()
-
-
-def llama_cpp_tokens(llama_cpp, path: Path, texts, specials: bool = True) -> list[list[int]]:
-    """llama.cpp's ids for each text; specials False: no bos and special tokens read as text, as llama.cpp's
-    test-tokenizer-0 reads its vocabularies' test texts."""
-    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    try:
-        return [llm.tokenize(t.encode(), add_bos=specials, special=specials) for t in texts]
-    finally:
-        llm.close()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llama_cpp_computes_what_the_model_computes(arch, llama_cpp, exported, tiny_model):
@@ -659,15 +613,15 @@ def test_llama_cpp_tokenizes_real_vocabularies_as_their_tokenizers(name, real_ex
 
 
 def smollm2_tokenizer_dir(dest: Path, digits: bool) -> Path:
-    """SmolLM2-135M-Instruct's tokenizer as the cached checkpoint has it (read from a GGUF by transformers, which
-    drops its single-digit step), or with that step back, as SmolLM2's own tokenizer.json has it."""
+    """SmolLM2-135M-Instruct's tokenizer as its own tokenizer.json has it (and the cached checkpoint), or without its
+    single-digit step, as transformers' GGUF reader writes it."""
     try:
         source = real_material.smollm2()
     except RuntimeError as e:
         pytest.skip(f"SmolLM2 is not available here: {e}")
     AutoTokenizer.from_pretrained(source).save_pretrained(dest)
-    if digits:
-        restored(dest, lambda spec: pre_tokenized(DIGITS_STEP, spec["pre_tokenizer"])(spec))
+    if not digits:
+        restored(dest, lambda spec: spec.update(pre_tokenizer=spec["pre_tokenizer"]["pretokenizers"][1]))
     return tiny_llama_for(AutoTokenizer.from_pretrained(dest), dest)
 
 

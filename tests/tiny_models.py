@@ -226,7 +226,7 @@ def build_like(out_dir: str | Path, facts_dir: str | Path, seed: int = 0, corpus
             special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
         )
     template = facts.get("chat_template")
-    if template:  # the name of a template TRL ships (the real model's own, e.g. qwen2_5)
+    if template and "{%" not in template:  # the name of a template TRL ships (the real model's own, e.g. qwen2_5)
         template = (importlib.resources.files("trl") / "chat_templates" / f"{template}.jinja").read_text()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, additional_special_tokens=extra, chat_template=template, **named
@@ -265,3 +265,32 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "tiny"
+
+
+def small_recipe(path: Path, base: Path, output_dir: Path, **sections) -> Path:
+    """Write a small fast recipe to `path`: fp32 compute, rank 8, the demo's chat data, 3 steps. A dict in
+    `sections` updates that section, anything else replaces it."""
+    import yaml
+
+    recipe = {
+        "model": {"base": str(base), "compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval": str(DEMO_DATA / "eval.jsonl"), "max_seq_length": 96},
+        "train": {
+            "max_steps": 3,
+            "batch_size": 4,
+            "grad_accumulation": 1,
+            "learning_rate": 5e-3,
+            "logging_steps": 1,
+            "save_steps": 100,
+            "warmup_ratio": 0.0,
+        },
+        "output_dir": str(output_dir),
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
+    path.write_text(yaml.safe_dump(recipe))
+    return path

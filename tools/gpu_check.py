@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]  # qlora_pipe, the tiny-model builders
 
 LLAMA_8B = ROOT / "recipes" / "llama-3.1-8b"
-DEMO_DATA = ROOT / "data" / "tiny"
 PARTS = ("train_compare", "chain", "offloading", "diffusion_nf4", "gpu_tests")
 CUDA_ONLY = {"offloading", "diffusion_nf4", "gpu_tests"}
 # Import names each part needs, beside torch; the pip name when it differs.
@@ -406,30 +405,11 @@ def child_stack(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ parts 2 and 3
 def write_recipe(path: Path, base: Path, output_dir: Path, compute_dtype: str, **sections) -> Path:
-    """A small recipe as the tests write theirs (tests/conftest.py `write_recipe`): the demo's chat data, a few
-    steps."""
-    import yaml
+    """A small recipe as the tests write theirs: the demo's chat data, a few steps."""
+    from tiny_models import small_recipe
 
-    recipe = {
-        "model": {"base": str(base), "compute_dtype": compute_dtype},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval": str(DEMO_DATA / "eval.jsonl"), "max_seq_length": 96},
-        "train": {
-            "max_steps": 3,
-            "batch_size": 4,
-            "grad_accumulation": 1,
-            "learning_rate": 5e-3,
-            "logging_steps": 1,
-            "save_steps": 100,
-            "warmup_ratio": 0.0,
-            "report_to": "none",
-        },
-        "output_dir": str(output_dir),
-    }
-    for section, values in sections.items():
-        recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    train = {"report_to": "none", **sections.pop("train", {})}
+    return small_recipe(path, base, output_dir, model={"compute_dtype": compute_dtype}, train=train, **sections)
 
 
 def cli(*argv: str) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,10 @@ def test_recipe_dry_run_trains_and_merges(path, tiny_like, tiny_model, tiny_sd, 
     d = recipe.data
     if not data.is_local(d.train):  # hub data sets: the shipped sample in the same (messages) format
         d = dataclasses.replace(d, train=str(DEMO_DATA / "train.jsonl"), eval=str(DEMO_DATA / "eval.jsonl"))
+    elif "--stdlib" in path.read_text():  # data made on the machine, as the recipe's header says
+        made = tmp_path / "stdlib"
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_demo_data.py"), str(made), "--stdlib"], check=True)
+        d = dataclasses.replace(d, train=str(made / "train.jsonl"), eval=str(made / "eval.jsonl"))
     offload = recipe.train.activation_offloading and torch.cuda.is_available()  # CUDA only
     t = dataclasses.replace(
         recipe.train,

@@ -86,7 +86,7 @@ def write_recipe(tmp_path):
     """write_recipe(base, **sections) -> path of a small fast recipe (fp32 compute, a few steps) in tmp_path."""
 
     def write(base: Path, **sections) -> Path:
-        return small_recipe(tmp_path / "recipe.yaml", base, tmp_path / "run", **sections)
+        return small_recipe(tmp_path / "recipe.yaml", base, **sections)
 
     return write
 

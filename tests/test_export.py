@@ -18,9 +18,9 @@ from conftest import CHAT, DEMO_DATA
 from gguf import GGUFReader
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from real_material import llama_cpp_logits, llama_cpp_tokens
-from tiny_models import CHAT_TEMPLATE, SPECIAL, build_tokenizer, corpus_lines
+from tiny_models import CHAT_TEMPLATE, SPECIAL, build_tokenizer, corpus_lines, llama_speaking
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import qlora_pipe.export as export_module
 from qlora_pipe import UserError, cli
@@ -552,20 +552,8 @@ def restored(tokenizer_dir: Path, restore: Callable[[dict], None]) -> None:
 
 def tiny_llama_for(tok, dest: Path) -> Path:
     """A one-layer random Llama beside the tokenizer saved in `dest`, with an embedding for each of its tokens."""
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(dest)
-    return dest
+    shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    return llama_speaking(tok, dest, False, **shape, max_position_embeddings=2048, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

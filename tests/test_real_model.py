@@ -55,7 +55,7 @@ def recipe(base, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("smollm2")
     data = {"train": str(write_jsonl(tmp / "d.jsonl", ROWS)), "eval": None, "eval_fraction": 0.25}
     train = {"max_steps": 2, "batch_size": 2, "label_accuracy": True}
-    return small_recipe(tmp / "recipe.yaml", base, tmp / "run", data=data | {"max_seq_length": 64}, train=train)
+    return small_recipe(tmp / "recipe.yaml", base, data=data | {"max_seq_length": 64}, train=train)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from conftest import write_jsonl
 from real_material import chat_templates, llama_cpp_models, smollm2
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import llama_speaking
+from transformers import AutoTokenizer
 
 from qlora_pipe import UserError, masks
 from qlora_pipe.config import DataConfig, load_recipe
@@ -211,21 +211,7 @@ def test_most_real_templates_train_exactly():
 
 def tiny_model_with(tokenizer, out: Path) -> Path:
     """A tiny random Llama that speaks `tokenizer` (its template included)."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return llama_speaking(tokenizer, out)
 
 
 @pytest.mark.slow

@@ -125,6 +125,20 @@ def random_llama(out: Path, config: dict, device: str = "cpu") -> None:
     tokenizer.save_pretrained(out)
 
 
+def llama_speaking(tokenizer, out: Path, **config) -> Path:
+    """A tiny random fp32 Llama that speaks `tokenizer` (an embedding for each of its tokens, its bos and eos), saved
+    with it in `out`; `config` overrides the shape (2 layers of width 64 by default)."""
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    shape |= {"num_key_value_heads": 2, "max_position_embeddings": 512} | config
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("llama", vocab_size=len(tokenizer), **shape, **ids)
+    ).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def build(
     out_dir: str | Path,
     arch: str = "llama",
@@ -270,9 +284,9 @@ if __name__ == "__main__":
 DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "tiny"
 
 
-def small_recipe(path: Path, base: Path, output_dir: Path, **sections) -> Path:
-    """Write a small fast recipe to `path`: fp32 compute, rank 8, the demo's chat data, 3 steps. A dict in
-    `sections` updates that section, anything else replaces it."""
+def small_recipe(path: Path, base: Path, **sections) -> Path:
+    """Write a small fast recipe to `path`: fp32 compute, rank 8, the demo's chat data, 3 steps, output in `run/`
+    beside it. A dict in `sections` updates that section, anything else (output_dir) replaces it."""
     import yaml
 
     recipe = {
@@ -288,7 +302,7 @@ def small_recipe(path: Path, base: Path, output_dir: Path, **sections) -> Path:
             "save_steps": 100,
             "warmup_ratio": 0.0,
         },
-        "output_dir": str(output_dir),
+        "output_dir": str(path.parent / "run"),
     }
     for section, values in sections.items():
         recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values

@@ -409,7 +409,8 @@ def write_recipe(path: Path, base: Path, output_dir: Path, compute_dtype: str, *
     from tiny_models import small_recipe
 
     train = {"report_to": "none", **sections.pop("train", {})}
-    return small_recipe(path, base, output_dir, model={"compute_dtype": compute_dtype}, train=train, **sections)
+    model = {"compute_dtype": compute_dtype}
+    return small_recipe(path, base, output_dir=str(output_dir), model=model, train=train, **sections)
 
 
 def cli(*argv: str) -> None:

@@ -257,7 +257,8 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
         callbacks=[LossLog(out / TRAIN_LOG)],
     )
     if recipe.task == "seq_cls":
-        trainer = Trainer(**common, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
+        collator = DataCollatorWithPadding(tokenizer)
+        trainer = ClassifierTrainer(**common, data_collator=collator, compute_metrics=accuracy)
     else:
         vocab_size = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
         configure_loss_head(loss_chunk_tokens(recipe.train.loss_chunk_tokens, vocab_size, device), vocab_size)
@@ -312,6 +313,50 @@ class SFTStageTrainer(SFTTrainer):
 
     def get_train_dataloader(self):
         return rows_once(super().get_train_dataloader())
+
+
+class ClassifierTrainer(Trainer):
+    """transformers' Trainer for task seq_cls, whose ranks together train every row once per epoch, as one process
+    does: RankBatches' batches, and on several ranks each micro-batch's loss the mean over the examples of all ranks
+    together (a classifier's loss is a mean over examples, and ranks with uneven shares would otherwise weigh them
+    unequally when DDP averages the ranks' gradients)."""
+
+    loss_is_scaled_for_ga = False  # a mean per micro-batch: the Trainer divides it by the accumulation steps
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_collator = EmptyBatchClassifiesNothing(self.data_collator, self.processing_class)
+
+    def get_train_dataloader(self):
+        return rows_once(super().get_train_dataloader())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training or self.args.world_size == 1:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits.float()
+        total = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), reduction="sum")
+        examples = self.accelerator.reduce((labels != -100).sum().float(), reduction="sum")
+        # DDP averages the ranks' gradients: scaled by the world size, the average is the sum over all examples
+        # divided by their count, one process's mean over this micro-batch
+        loss = total * self.args.world_size / examples.clamp(min=1)
+        return (loss, outputs) if return_outputs else loss
+
+
+@dataclass
+class EmptyBatchClassifiesNothing:
+    """The collator, and for an empty batch (RankBatches) one short text whose label is ignored (-100), so that the
+    rank still runs the forward and backward DDP needs from it, and adds nothing to the loss."""
+
+    collate: Callable[[list[dict]], dict]
+    tokenizer: object
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if examples:
+            return self.collate(examples)
+        features = dict(self.tokenizer("."))
+        return self.collate([features | {"labels": -100}])
 
 
 def rows_once(loader):

@@ -21,6 +21,7 @@ from real_material import llama_cpp_logits, llama_cpp_tokens
 from tiny_models import CHAT_TEMPLATE, SPECIAL, build_tokenizer, corpus_lines, llama_speaking
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
 
 import qlora_pipe.export as export_module
 from qlora_pipe import UserError, cli
@@ -501,9 +502,16 @@ REAL_VOCABS = {
     "falcon": RealVocab("falcon", original_splits(*export_module.FALCON)),
     "deepseek-coder": RealVocab("deepseek-coder", original_splits(*export_module.DEEPSEEK_CODER)),
     "deepseek-llm": RealVocab("deepseek-llm", original_splits(*export_module.DEEPSEEK_LLM)),
+    # transformers reads these two with its GGUF tokenizer converter only (see `vocabulary`)
+    "command-r": RealVocab("command-r", pre_tokenized(DIGITS_STEP, byte_level(True))),
+    "refact": RealVocab("refact", pre_tokenized(DIGITS_STEP, byte_level(True))),
 }
-# transformers has no GGUF tokenizer for bert, command-r, mpt and refact, and cannot read gemma-4's config.
-UNREADABLE = ("bert-bge", "command-r", "gemma-4", "mpt", "refact")
+# transformers cannot read these: BERT's is WordPiece (an encoder's, which no causal-LM export carries) and its
+# converter fails on Gemma 4's.
+UNREADABLE = ("bert-bge", "gemma-4")
+# MPT's is read, but without its user-defined tokens (GPT-NeoX's runs of spaces), which the tokenizers library gives
+# back only with a second spelling in the vocabulary (then the ids of both spellings are ambiguous): not tested.
+UNTESTED = ("mpt",)
 
 
 def real_models_dir() -> Path:
@@ -515,12 +523,12 @@ def real_models_dir() -> Path:
 
 @pytest.mark.slow
 def test_every_real_vocabulary_is_covered_or_unreadable_by_transformers():
-    models_dir = real_models_dir()
+    real_models_dir()  # or skip where they cannot be had
     names = {p.name.removeprefix("ggml-vocab-").removesuffix(".gguf") for p in real_material.vocabularies()}
-    assert names == {*REAL_VOCABS, *UNREADABLE}
+    assert names == {*REAL_VOCABS, *UNREADABLE, *UNTESTED}
     for name in UNREADABLE:
-        with pytest.raises((ValueError, TypeError, StrictDataclassFieldValidationError)):
-            AutoTokenizer.from_pretrained(models_dir, gguf_file=f"ggml-vocab-{name}.gguf")
+        with pytest.raises((ValueError, TypeError, AssertionError, StrictDataclassFieldValidationError)):
+            vocabulary(name)
 
 
 def vocab_cases(name: str) -> tuple[list[str], list[list[int]]]:
@@ -532,10 +540,23 @@ def vocab_cases(name: str) -> tuple[list[str], list[list[int]]]:
     return texts, ids
 
 
+def vocabulary(name: str) -> PreTrainedTokenizerFast:
+    """The real vocabulary `name` as transformers reads it. AutoTokenizer loads the file's config too, and knows no
+    config of some architectures (command-r, mpt, refact) whose tokenizer its GGUF converter does read."""
+    path = real_models_dir() / f"ggml-vocab-{name}.gguf"
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except ValueError as e:
+        if "is not supported yet" not in str(e):
+            raise
+    architecture, tokens, config = get_gguf_tokenizer(str(path))
+    backend, _ = convert_gguf_tokenizer(architecture, tokens)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config)
+
+
 def tiny_llama_with(name: str, dest: Path, restore: Callable[[dict], None] | None = None) -> Path:
     """A one-layer Llama with the real vocabulary `name` (restored), embeddings as many as its tokens."""
-    tok = AutoTokenizer.from_pretrained(real_models_dir(), gguf_file=f"ggml-vocab-{name}.gguf")
-    tok.save_pretrained(dest)
+    vocabulary(name).save_pretrained(dest)
     if restore is not None:
         restored(dest, restore)
     return tiny_llama_for(AutoTokenizer.from_pretrained(dest), dest)

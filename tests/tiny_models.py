@@ -125,17 +125,17 @@ def random_llama(out: Path, config: dict, device: str = "cpu") -> None:
     tokenizer.save_pretrained(out)
 
 
-def llama_speaking(tokenizer, out: Path, **config) -> Path:
+def llama_speaking(tokenizer, out: Path, with_tokenizer: bool = True, **config) -> Path:
     """A tiny random fp32 Llama that speaks `tokenizer` (an embedding for each of its tokens, its bos and eos), saved
-    with it in `out`; `config` overrides the shape (2 layers of width 64 by default)."""
+    in `out`, with the tokenizer unless it is there already; `config` overrides the shape (2 layers of width 64)."""
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
     shape |= {"num_key_value_heads": 2, "max_position_embeddings": 512} | config
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(
-        AutoConfig.for_model("llama", vocab_size=len(tokenizer), **shape, **ids)
-    ).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    net_config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), **shape, **ids)
+    AutoModelForCausalLM.from_config(net_config).save_pretrained(out)
+    if with_tokenizer:
+        tokenizer.save_pretrained(out)
     return out
 
 

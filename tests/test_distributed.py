@@ -138,6 +138,25 @@ def test_two_ranks_train_the_same_model_as_one_process_with_twice_the_batch(
     assert f"{tokens_per_second:.1f} tokens/s over" in out and "all 2 ranks together" in out
 
 
+def first_rows(path: Path, rows: int, tmp_path: Path) -> str:
+    """A data file of the first `rows` lines of `path`."""
+    (tmp_path / "rows.jsonl").write_text("".join(path.read_text().splitlines(keepends=True)[:rows]))
+    return str(tmp_path / "rows.jsonl")
+
+
+def one_process_and_two_ranks(two_rank_recipe, tmp_path: Path, **recipe) -> tuple[Path, Path, int, float, float]:
+    """The recipe trained by one process with batch 4 and by two ranks with batch 2: both runs, the steps, the worst
+    per-step loss difference and the final logits' difference (relative)."""
+    one = train_stage.train(load_recipe(two_rank_recipe("one", **recipe)))
+    result = launch(2, "train", str(two_rank_recipe("two", **recipe)), "train.batch_size=2")
+    assert result.returncode == 0, result.stderr
+    two = tmp_path / "two"
+    ours, theirs = losses(two), losses(one)
+    assert sorted(ours) == sorted(theirs)
+    worst = max(abs(ours[step] - loss) / abs(loss) for step, loss in theirs.items())
+    return one, two, len(ours), worst, relative(logits(two), logits(one))
+
+
 # Rows (packed rows when packing) that leave the last global batch of 4 short: 18 rows fill rank 0's last batch of 2
 # and leave rank 1 none; 19 leave rank 1 one row; 18 examples pack into 9 rows, one for rank 0 and none for rank 1.
 # (packing, rows, batches accumulated per step)
@@ -158,24 +177,14 @@ def test_two_ranks_train_the_same_model_as_one_process_when_the_rows_leave_a_rem
     (no repeated row fills a rank's short or empty batch), the loss of each step is normalised over the trained tokens
     of both ranks together, and the tokens seen are those one process sees."""
     packing, rows, accumulation = REMAINDERS[case]
-    lines = (DEMO_DATA / "train.jsonl").read_text().splitlines(keepends=True)[:rows]
-    (tmp_path / "rows.jsonl").write_text("".join(lines))
-    data = {"train": str(tmp_path / "rows.jsonl"), "eval": None, "eval_fraction": 0.0}
+    data = {"train": first_rows(DEMO_DATA / "train.jsonl", rows, tmp_path), "eval": None, "eval_fraction": 0.0}
     recipe = {"data": data, "max_steps": -1, "epochs": 2, "packing": packing, "grad_accumulation": accumulation}
     trainer, _ = train_stage.build_trainer(load_recipe(two_rank_recipe("count", **recipe)))
     assert len(trainer.train_dataset) % 4 == (1 if packing else rows % 4)  # the case is the one it names
     del trainer
-    one = train_stage.train(load_recipe(two_rank_recipe("one", **recipe)))
-    result = launch(2, "train", str(two_rank_recipe("two", **recipe)), "train.batch_size=2")
-    assert result.returncode == 0, result.stderr
-    two = tmp_path / "two"
-
-    ours, theirs = losses(two), losses(one)
-    assert sorted(ours) == sorted(theirs)
-    worst = max(abs(ours[step] - loss) / abs(loss) for step, loss in theirs.items())
-    apart = relative(logits(two), logits(one))
+    one, two, steps, worst, apart = one_process_and_two_ranks(two_rank_recipe, tmp_path, **recipe)
     with capsys.disabled():
-        print(f"\n{case}: {len(ours)} steps, losses within {worst:.1e} relative, logits {apart:.1e}")
+        print(f"\n{case}: {steps} steps, losses within {worst:.1e} relative, logits {apart:.1e}")
     assert worst <= 1e-4 and apart < 5e-3
     metrics = [json.loads((run / "manifest.json").read_text())["metrics"] for run in (two, one)]
     assert metrics[0]["tokens_seen"] == metrics[1]["tokens_seen"]
@@ -192,22 +201,13 @@ def test_two_ranks_train_the_same_classifier_as_one_process_when_the_rows_leave_
 ):
     """task seq_cls, two epochs: each step's loss is the mean over the examples of both ranks, every row once."""
     rows, accumulation = CLASSIFIER_REMAINDERS[case]
-    lines = (ROOT / "data" / "seeds" / "sst2" / "train.jsonl").read_text().splitlines(keepends=True)[:rows]
-    (tmp_path / "rows.jsonl").write_text("".join(lines))
-    data = {"train": str(tmp_path / "rows.jsonl"), "eval": None, "eval_fraction": 0.0, "format": "classification"}
+    train = first_rows(ROOT / "data" / "seeds" / "sst2" / "train.jsonl", rows, tmp_path)
+    data = {"train": train, "eval": None, "eval_fraction": 0.0, "format": "classification"}
     data |= {"columns": {"text": "sentence"}, "max_seq_length": 64}
     recipe = {"data": data, "max_steps": -1, "epochs": 2, "grad_accumulation": accumulation}
-    one = train_stage.train(load_recipe(two_rank_recipe("one", task="seq_cls", **recipe)))
-    result = launch(2, "train", str(two_rank_recipe("two", task="seq_cls", **recipe)), "train.batch_size=2")
-    assert result.returncode == 0, result.stderr
-    two = tmp_path / "two"
-
-    ours, theirs = losses(two), losses(one)
-    assert sorted(ours) == sorted(theirs)
-    worst = max(abs(ours[step] - loss) / abs(loss) for step, loss in theirs.items())
-    apart = relative(logits(two), logits(one))
+    _, _, steps, worst, apart = one_process_and_two_ranks(two_rank_recipe, tmp_path, task="seq_cls", **recipe)
     with capsys.disabled():
-        print(f"\nclassifier, {case}: {len(ours)} steps, losses within {worst:.1e} relative, logits {apart:.1e}")
+        print(f"\nclassifier, {case}: {steps} steps, losses within {worst:.1e} relative, logits {apart:.1e}")
     assert worst <= 1e-4 and apart < 5e-3
 
 

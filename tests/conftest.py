@@ -82,6 +82,24 @@ def llama_cpp():
 
 
 @pytest.fixture
+def add_callback(monkeypatch):
+    """add_callback(callback): the trainers the train stage builds in this test get `callback` too."""
+    from qlora_pipe import train as train_stage
+
+    def add(callback) -> None:
+        build = train_stage.build_trainer
+
+        def build_with_callback(recipe):
+            trainer, facts = build(recipe)
+            trainer.add_callback(callback)
+            return trainer, facts
+
+        monkeypatch.setattr(train_stage, "build_trainer", build_with_callback)
+
+    return add
+
+
+@pytest.fixture
 def write_recipe(tmp_path):
     """write_recipe(base, **sections) -> path of a small fast recipe (fp32 compute, a few steps) in tmp_path."""
 

@@ -12,10 +12,9 @@ import shutil
 import peft
 import pytest
 import torch
-import yaml
 from conftest import ROOT
 from PIL import Image
-from tiny_diffusion import captioned_images, instance_images
+from tiny_diffusion import captioned_images, instance_images, small_image_recipe
 
 from qlora_pipe import UserError, cli, diffusion, images
 from qlora_pipe.config import load_recipe
@@ -32,30 +31,7 @@ def shapes(tmp_path_factory):
 
 
 def image_recipe(tmp_path, base, images_from, **sections) -> object:
-    raw = {
-        "task": "text_to_image",
-        "model": {"base": str(base), "compute_dtype": "float32"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(images_from)},
-        "diffusion": {"resolution": 32, "num_validation_images": 2, "validation_inference_steps": 2},
-        "train": {
-            "max_steps": 4,
-            "batch_size": 4,
-            "grad_accumulation": 1,
-            "learning_rate": 1e-2,
-            "lr_scheduler": "constant",
-            "warmup_ratio": 0.0,
-            "max_grad_norm": 1.0,
-            "logging_steps": 1,
-            "save_steps": 100,
-        },
-        "output_dir": str(tmp_path / "run"),
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw[section], **values} if isinstance(values, dict) else values
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return small_image_recipe(tmp_path / "recipe.yaml", base, images_from, **sections)
 
 
 def test_diffusion_defaults_target_the_unet_attention_in_full_precision(tmp_path, tiny_sd, shapes):

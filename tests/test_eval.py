@@ -76,7 +76,7 @@ def test_train_scores_exact_match_on_the_held_out_examples_one_per_row(write_rec
 
 
 @pytest.mark.parametrize(("eval_steps", "evaluated_at"), [(None, [0, 4]), (3, [0, 3, 4])])
-def test_training_evaluates_the_final_model_once(eval_steps, evaluated_at, write_recipe, tiny_model, monkeypatch):
+def test_training_evaluates_the_final_model_once(eval_steps, evaluated_at, write_recipe, tiny_model, add_callback):
     """Before training, at every train.eval_steps (else every epoch's end) and at the last step; the manifest's
     eval_loss_after is the trainer's evaluation at the last step, not a second one."""
     evaluations = []
@@ -85,14 +85,7 @@ def test_training_evaluates_the_final_model_once(eval_steps, evaluated_at, write
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             evaluations.append((state.global_step, metrics["eval_loss"]))
 
-    build = train_stage.build_trainer
-
-    def build_counted(recipe):
-        trainer, facts = build(recipe)
-        trainer.add_callback(Count())
-        return trainer, facts
-
-    monkeypatch.setattr(train_stage, "build_trainer", build_counted)
+    add_callback(Count())
     recipe = write_recipe(tiny_model("llama"), train={"max_steps": 4, "eval_steps": eval_steps})
     metrics = json.loads((train(load_recipe(recipe)) / "manifest.json").read_text())["metrics"]
     assert [step for step, _ in evaluations] == evaluated_at

@@ -117,20 +117,13 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(resumable, tmp_path):
         assert metrics[key] == reference_metrics[key]
 
 
-def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(resumable, monkeypatch):
+def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(resumable, add_callback):
     class Poison(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 4:  # the 5th step starts from a nan weight
                 next(p for n, p in model.named_parameters() if "lora_B" in n).data[0, 0] = float("nan")
 
-    build = train_stage.build_trainer
-
-    def build_with_poison(recipe):
-        trainer, facts = build(recipe)
-        trainer.add_callback(Poison())
-        return trainer, facts
-
-    monkeypatch.setattr(train_stage, "build_trainer", build_with_poison)
+    add_callback(Poison())
     recipe = load_recipe(resumable("diverged"))
     with pytest.raises(UserError, match="diverged at step 5") as error:
         train_stage.train(recipe)

@@ -174,3 +174,33 @@ def build_sd(out: str | Path, seed: int = 0, facts: str | Path | None = None, in
     )
     pipe.save_pretrained(out)
     return out
+
+
+def small_image_recipe(path: Path, base: Path, images: Path, **sections) -> Path:
+    """Write a small fast text-to-image recipe to `path`: fp32, rank 4, 32 px, 4 steps, output in `run/` beside it.
+    A dict in `sections` updates that section, anything else (output_dir) replaces it."""
+    import yaml
+
+    recipe = {
+        "task": "text_to_image",
+        "model": {"base": str(base), "compute_dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(images)},
+        "diffusion": {"resolution": 32, "num_validation_images": 2, "validation_inference_steps": 2},
+        "train": {
+            "max_steps": 4,
+            "batch_size": 4,
+            "grad_accumulation": 1,
+            "learning_rate": 1e-2,
+            "lr_scheduler": "constant",
+            "warmup_ratio": 0.0,
+            "max_grad_norm": 1.0,
+            "logging_steps": 1,
+            "save_steps": 100,
+        },
+        "output_dir": str(path.parent / "run"),
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -557,33 +557,15 @@ def part_offloading(ctx: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ parts 4 and 5
 def child_diffusion(spec: dict) -> dict:
     """Two steps of a tiny Stable Diffusion pipeline with an NF4 UNet, then its merge."""
-    import yaml
-    from tiny_diffusion import build_sd, captioned_images
+    from tiny_diffusion import build_sd, captioned_images, small_image_recipe
 
     work = Path(spec["work"])
     pipeline = build_sd(work / "sd")
     images = captioned_images(work / "shapes", count=8, size=40)
     run = work / "run"
-    recipe = {
-        "task": "text_to_image",
-        "model": {"base": str(pipeline), "compute_dtype": "auto", "quantization": "nf4"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(images)},
-        "diffusion": {"resolution": 32, "num_validation_images": 2, "validation_inference_steps": 2},
-        "train": {
-            "max_steps": 2,
-            "batch_size": 4,
-            "grad_accumulation": 1,
-            "learning_rate": 1e-2,
-            "lr_scheduler": "constant",
-            "warmup_ratio": 0.0,
-            "logging_steps": 1,
-            "save_steps": 100,
-            "report_to": "none",
-        },
-        "output_dir": str(run),
-    }
-    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    model = {"compute_dtype": "auto", "quantization": "nf4"}
+    train = {"max_steps": 2, "max_grad_norm": 0.3, "report_to": "none"}  # 0.3: the recipe default
+    small_image_recipe(work / "recipe.yaml", pipeline, images, model=model, train=train, output_dir=str(run))
     cli("train", str(work / "recipe.yaml"))
     cli("merge", str(run))
     manifest = json.loads((run / "manifest.json").read_text())

@@ -301,34 +301,35 @@ def build_trainer(recipe: Recipe) -> tuple[SFTTrainer, dict]:
     return trainer, facts
 
 
-class SFTStageTrainer(SFTTrainer):
-    """TRL's SFTTrainer, whose ranks together train every row once per epoch, as one process does (RankBatches), and
-    which keeps the eval examples one per row (`eval_examples`; TRL packs its eval set when it packs) for exact
-    match."""
+class RowsOnce:
+    """A Trainer mixin: the ranks together train every row once per epoch, as one process does (RankBatches); the
+    Trainer's collator must take RankBatches' empty batches."""
+
+    def get_train_dataloader(self):
+        return rows_once(super().get_train_dataloader())
+
+
+class SFTStageTrainer(RowsOnce, SFTTrainer):
+    """TRL's SFTTrainer, whose ranks together train every row once per epoch (RowsOnce), and which keeps the eval
+    examples one per row (`eval_examples`; TRL packs its eval set when it packs) for exact match."""
 
     def __init__(self, *args, eval_examples=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_examples = eval_examples
         self.data_collator = EmptyBatchTrainsNothing(self.data_collator, self.processing_class.pad_token_id)
 
-    def get_train_dataloader(self):
-        return rows_once(super().get_train_dataloader())
 
-
-class ClassifierTrainer(Trainer):
-    """transformers' Trainer for task seq_cls, whose ranks together train every row once per epoch, as one process
-    does: RankBatches' batches, and on several ranks each micro-batch's loss the mean over the examples of all ranks
-    together (a classifier's loss is a mean over examples, and ranks with uneven shares would otherwise weigh them
-    unequally when DDP averages the ranks' gradients)."""
+class ClassifierTrainer(RowsOnce, Trainer):
+    """transformers' Trainer for task seq_cls, whose ranks together train every row once per epoch (RowsOnce), and on
+    several ranks each micro-batch's loss the mean over the examples of all ranks together (a classifier's loss is a
+    mean over examples, and ranks with uneven shares would otherwise weigh them unequally when DDP averages the ranks'
+    gradients)."""
 
     loss_is_scaled_for_ga = False  # a mean per micro-batch: the Trainer divides it by the accumulation steps
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.data_collator = EmptyBatchClassifiesNothing(self.data_collator, self.processing_class)
-
-    def get_train_dataloader(self):
-        return rows_once(super().get_train_dataloader())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or self.args.world_size == 1:

@@ -46,6 +46,7 @@ from qlora_pipe.run import (
     LORA_WEIGHTS,
     MERGE_REPORT,
     VALIDATION,
+    close_process_group,
     image_run,
     is_writer,
     rank,
@@ -774,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
                 "as one process, without torchrun or accelerate launch"
             )
         args.func(args)
+        close_process_group()
     except UserError as e:
         print(f"{who}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)

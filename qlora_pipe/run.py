@@ -105,6 +105,17 @@ RESUMABLE_CHANGES = (
 # one. The collectives go through accelerate, on the process group it set up.
 
 
+def close_process_group() -> None:
+    """End a finished multi-rank run's process group, as PyTorch asks before exit: left to the interpreter's exit,
+    gloo's threads were seen to abort a rank ("terminate called without an active exception", exit -6) after
+    everything was written. Called once every rank has passed the run's last barrier."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # nothing to close where torch never set one up
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
